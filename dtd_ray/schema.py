@@ -1,0 +1,71 @@
+"""Column names and Arrow types of every Parquet dataset dtd-ray writes.
+
+One definition, imported by writers, readers and tests. Every dataset is Hive
+partitioned (``key=value`` folders) so ``pandas.read_parquet(path)`` reads it
+without Ray; files and folders whose names start with ``_`` (manifests, staging
+folders) are ignored by pyarrow's dataset discovery.
+
+Vector columns are variable-size ``list<…>`` rather than ``fixed_size_list``:
+records of models with different feature dimensions then share one schema and a
+whole ``records/`` folder reads as one table. The dimension is in the manifest.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# --- records/model=…/split=…/ : one row per instance (extraction) -------------
+SAMPLE_ID = "sample_id"
+LABEL = "label"
+PRED = "pred"
+TOPK_IDX = "topk_idx"  # the top-kmax feature indices, ranked by |f| desc, ties by lower index
+TOPK_VAL = "topk_val"  # the feature values at those indices, same order
+FEATURES = "features"  # the full penultimate feature vector (input of the final linear layer)
+
+RECORDS_SCHEMA = pa.schema(
+    [
+        pa.field(SAMPLE_ID, pa.int64(), nullable=False),
+        pa.field(LABEL, pa.int32(), nullable=False),
+        pa.field(PRED, pa.int32(), nullable=False),
+        pa.field(TOPK_IDX, pa.list_(pa.int32()), nullable=False),
+        pa.field(TOPK_VAL, pa.list_(pa.float32()), nullable=False),
+        pa.field(FEATURES, pa.list_(pa.float32()), nullable=False),
+    ]
+)
+RECORDS_PARTITIONING = ("model", "split")
+
+# --- freq/ : class × feature occurrence counts, per k1 (reduce) ---------------
+FREQ_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("k1", pa.int32()),
+        pa.field("class", pa.int32()),
+        pa.field("feature", pa.int32()),
+        pa.field("count", pa.int64()),
+    ]
+)
+
+# --- maps/ : class → ranked influential features (reduce / selection) ---------
+MAPS_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("strategy", pa.string()),
+        pa.field("k1", pa.int32()),
+        pa.field("k2", pa.int32()),
+        pa.field("class", pa.int32()),
+        pa.field("rank", pa.int32()),
+        pa.field("feature", pa.int32()),
+        pa.field("count", pa.int64()),
+    ]
+)
+
+MANIFEST_NAME = "_manifest.json"
+STAGING_PREFIX = "_staging"
+
+
+def partition_path(root: str, **keys: object) -> str:
+    """``root/k1=v1/k2=v2`` in the order given (Hive layout)."""
+    parts = [root.rstrip("/")] + [f"{k}={v}" for k, v in keys.items()]
+    return "/".join(parts)
