@@ -1,0 +1,42 @@
+"""Shared fixtures: one local Ray instance for the whole session, and the real-data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DTD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CIFAR10_DIR = SHARED_DATA / "cifar10"
+CIFAR_RESNETS_DIR = SHARED_DATA / "cifar_resnets"
+UPSTREAM_DTD_DIR = SHARED_DATA / "upstream_dtd"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def needs_shared_data():
+    """Skip marker for tests that read ../shared/data (absent in a user's fresh clone)."""
+    return pytest.mark.skipif(
+        not (CIFAR10_DIR.is_dir() and CIFAR_RESNETS_DIR.is_dir()),
+        reason=f"real-data test: {SHARED_DATA} (CIFAR-10 + pretrained CIFAR ResNets) is not present",
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with 2 CPUs, shared by every test that asks for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=1_000_000_000,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
