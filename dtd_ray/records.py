@@ -1,0 +1,90 @@
+"""Read and write extraction records (``records/model=…/split=…/``) as numpy arrays.
+
+The record columns are defined in :mod:`dtd_ray.schema`. A partition is finished
+when its ``_manifest.json`` exists; readers refuse unfinished partitions rather
+than return a partial table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from dtd_ray import schema, storage
+
+
+def _list_to_2d(col: pa.ChunkedArray | pa.Array, width: int | None = None) -> np.ndarray:
+    """A list<…> column whose lists all have one length as an (N, width) array, without a Python loop."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, width or 0), dtype=col.type.value_type.to_pandas_dtype())
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    w = int(lengths[0])
+    if not (lengths == w).all():
+        raise ValueError(f"list column has rows of different lengths ({lengths.min()}..{lengths.max()})")
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(n, w)
+
+
+def records_to_table(arrays: dict[str, np.ndarray]) -> pa.Table:
+    """Build a table with :data:`schema.RECORDS_SCHEMA` from numpy arrays (2-D for the vector columns)."""
+    cols = []
+    for field in schema.RECORDS_SCHEMA:
+        a = arrays[field.name]
+        if pa.types.is_list(field.type):
+            a = np.ascontiguousarray(a, dtype=field.type.value_type.to_pandas_dtype())
+            n, w = a.shape
+            offsets = pa.array(np.arange(0, (n + 1) * w, w, dtype=np.int32) if n else np.zeros(1, np.int32))
+            cols.append(pa.ListArray.from_arrays(offsets, pa.array(a.reshape(-1))).cast(field.type))
+        else:
+            cols.append(pa.array(np.asarray(a, dtype=field.type.to_pandas_dtype()), type=field.type))
+    return pa.Table.from_arrays(cols, schema=schema.RECORDS_SCHEMA)
+
+
+def table_to_records(table: pa.Table) -> dict[str, np.ndarray]:
+    """The inverse of :func:`records_to_table`: 1-D arrays and (N, width) arrays for vector columns."""
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            out[name] = _list_to_2d(col)
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def partition_uri(root: str, *, model: str, split: str) -> str:
+    return schema.partition_path(root, model=model, split=split)
+
+
+def read_manifest(root: str, *, model: str, split: str) -> dict[str, Any] | None:
+    fs, path = storage.resolve(partition_uri(root, model=model, split=split))
+    return storage.read_json(fs, f"{path}/{schema.MANIFEST_NAME}")
+
+
+def load_records(
+    root: str, *, model: str, split: str, columns: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """All records of one finished partition as numpy arrays, sorted by ``sample_id``.
+
+    Vector columns come back as (N, width) arrays. Raises ``FileNotFoundError`` when the
+    partition has no manifest (missing or unfinished).
+    """
+    uri = partition_uri(root, model=model, split=split)
+    if read_manifest(root, model=model, split=split) is None:
+        raise FileNotFoundError(
+            f"no finished records at {uri} (no {schema.MANIFEST_NAME}); run jobs/extract.py first"
+        )
+    fs, path = storage.resolve(uri)
+    cols = list(columns) if columns else list(schema.RECORDS_SCHEMA.names)
+    if schema.SAMPLE_ID not in cols:
+        cols.append(schema.SAMPLE_ID)
+    ds = pads.dataset(path, filesystem=fs, format="parquet", schema=schema.RECORDS_SCHEMA)
+    table = ds.to_table(columns=cols)
+    table = table.sort_by(schema.SAMPLE_ID)
+    return table_to_records(table)
