@@ -45,3 +45,54 @@ def versions() -> dict[str, str]:
 
     out["dtd_ray"] = __version__
     return out
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment beside each field of dataclass ``cls`` in its source (``name: T = v  # comment``)."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None) -> Any:
+    """Parse ``--flag value`` options into dataclass ``cls`` with fire and call ``run`` on it.
+
+    ``--help`` lists every field with its default and the comment beside it. Unknown flags
+    and stray positional words are refused before anything runs (fire alone would run the
+    function first and complain about leftovers after).
+    """
+    import sys
+
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        comments = field_comments(cls)
+        print(f"{summary}\n\nOptions (all --name value):")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  --{f.name} (default {default!r}): {comments.get(f.name, '')}")
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"unexpected argument {tok!r}: options are --name value (see --help)")
+        name = tok[2:].split("=", 1)[0].replace("-", "_")
+        if name.startswith("no") and name[2:].lstrip("_") in names:
+            name = name[2:].lstrip("_")
+        check_keys(cls, {name: None})
+        has_value = "=" in tok or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        i += 2 if has_value and "=" not in tok else 1
+
+    def main(**flags: Any) -> Any:
+        return run(cls(**flags))
+
+    return fire.Fire(main, command=argv)

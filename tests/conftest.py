@@ -40,3 +40,28 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar10_resnet20_records(ray_local, tmp_path_factory):
+    """Records of cifar_resnet20 (the shared checkpoint) on the shared CIFAR-10, train and test.
+
+    Extracted once per test session under the paper's `cifar10` normalisation, tag
+    ``cifar_resnet20``; returns the records root. Tests using it must carry
+    ``needs_shared_data()``.
+    """
+    from dtd_ray.extract import ExtractConfig, run_extract
+
+    out = tmp_path_factory.mktemp("cifar10_records")
+    cfg = ExtractConfig(
+        model="cifar_resnet20",
+        weights=str(CIFAR_RESNETS_DIR / "resnet20-12fca82f.th"),
+        normalization="cifar10",
+        dataset=f"imagefolder:{CIFAR10_DIR}",
+        splits=("train", "test"),
+        output=str(out),
+        kmax=64,
+        batch_size=500,
+    )
+    run_extract(cfg)
+    return str(out / "records")

@@ -1,0 +1,461 @@
+"""Extraction: run a backbone over a dataset with Ray Data and write per-instance records.
+
+Pipeline per (model, split) partition, built in :func:`build_pipeline`::
+
+    source rows ─► prepare_batch (CPU tasks: decode, convert, resize/crop, augment)
+                ─► FeatureExtractor (actor pool; GPU with bf16 + channels_last when the cluster has GPUs)
+                ─► write_part (CPU tasks: one Parquet file per batch into a staging folder, returns a summary)
+
+The driver commits a partition only after every row is accounted for (written or
+skipped): it moves the files its summaries name out of the staging folder and writes
+the manifest last. Files from failed or retried tasks are never named by a summary,
+so they are dropped with the staging folder and no row is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from dtd_ray import config as config_lib
+from dtd_ray import records, schema, storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    model: str = "cifar_resnet20"  # backbone registry name (dtd_ray.backbones.list_backbones())
+    weights: str | None = "default"  # "default", a local file, an http(s) URL, "torchvision:<ENUM>", or None (random init)
+    normalization: str | None = None  # override the weights' mean/std: "cifar10", "imagenet", "cifar100", "fashion-mnist"
+    dataset: str = "imagefolder:../shared/data/cifar10"  # imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]
+    splits: tuple[str, ...] = ("train", "test")  # which splits of the dataset to extract
+    output: str = "runs/extract"  # root URI; records go to <output>/records/model=<tag>/split=<split>/
+    tag: str | None = None  # partition name for the model (default: the model name); set it for custom weights
+    kmax: int = 64  # ranked top-k feature indices stored per instance (capped at the feature dimension)
+    batch_size: int = 256  # images per model batch (use 1024+ on a GPU)
+    num_actors: int | None = None  # model actors (None: one per GPU, else one per node)
+    use_gpu: bool | None = None  # None: decided on the driver from the cluster's resources
+    cpu_threads: int | None = None  # torch threads per CPU actor (None: this node's cores)
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
+    channels_last: bool = True  # NHWC memory format on GPU (measured faster for convs there)
+    augment: str | None = None  # "cifar": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>
+    seed: int = 0  # seed of the augmentation (per instance: (seed, sample_id))
+    on_bad_input: str = "skip"  # "skip": count undecodable / wrong-size images in the manifest; "fail": stop at the first
+    rows_per_file: int = 16384  # rows per Parquet file (also the granularity of the progress lines)
+    overwrite: bool = False  # recompute partitions even when finished with the same config
+
+    def __post_init__(self) -> None:
+        if isinstance(self.splits, str):
+            self.splits = tuple(s for s in self.splits.split(",") if s)
+        self.splits = tuple(self.splits)
+        if self.kmax < 1:
+            raise ValueError(f"kmax must be >= 1, got {self.kmax}")
+        if self.batch_size < 1 or self.rows_per_file < 1:
+            raise ValueError("batch_size and rows_per_file must be >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.on_bad_input not in ("skip", "fail"):
+            raise ValueError(f"on_bad_input must be 'skip' or 'fail', got {self.on_bad_input!r}")
+
+    @property
+    def model_key(self) -> str:
+        return self.tag or self.model
+
+    def split_key(self, split: str) -> str:
+        return f"{split}_aug{self.seed}" if self.augment else split
+
+
+# Fields that change what a partition holds; the others (resources, batch sizes, paths) do not.
+_CONTENT_FIELDS = ("model", "weights", "normalization", "dataset", "kmax", "augment", "seed")
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def rank_topk(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` feature indices per row by magnitude and their values.
+
+    ``idx[n] = argsort(-|f[n]|)[:k]``, ties broken by the lower index (a stable sort), so the
+    ranking is deterministic on every device; ``val[n, r] = f[n, idx[n, r]]`` (signed).
+    """
+    order = torch.sort(features.abs(), dim=1, descending=True, stable=True).indices[:, :k]
+    return order, torch.gather(features, 1, order)
+
+
+def normalize_images(images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC → float NCHW, ``x = (u/255 − mean) / std`` per channel (ToTensor + Normalize)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
+def resolve_device(use_gpu: bool | None = None) -> torch.device:
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu=True but torch sees no CUDA device on this worker")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+class FeatureExtractor:
+    """The model as a Ray Data callable: loads once, maps numpy batches to numpy records.
+
+    Input batch: ``image`` uint8 (N, H, W, C) unnormalised, ``sample_id``, ``label``, and
+    optionally ``ok``/``error`` (passed through). Output: the record columns of
+    :data:`dtd_ray.schema.RECORDS_SCHEMA` plus ``ok``/``error``. Importable and callable
+    without Ray (tests and the GPU check call it directly).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        weights: str | None = "default",
+        normalization: str | None = None,
+        kmax: int = 64,
+        use_gpu: bool | None = None,
+        precision: str = "auto",
+        channels_last: bool = True,
+        cpu_threads: int | None = None,
+    ) -> None:
+        from dtd_ray.backbones import get_backbone
+
+        self.device = resolve_device(use_gpu)
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.backbone = get_backbone(model, weights=weights, normalization=normalization)
+        self.backbone.eval().to(self.device)
+        # bf16 autocast only where it is fast and measured (GPU); on CPU fp32 is exact and not slower.
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.channels_last = channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        pre = self.backbone.preprocessing
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(pre.std, dtype=torch.float32, device=self.device)
+        self.kmax = min(kmax, self.backbone.feature_dim)
+
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        """Penultimate features (fp32) of a uint8 NHWC batch."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = normalize_images(x, mean=self.mean, std=self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            f = self.backbone.forward_features(x)
+        return f.float()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            f = self.features(batch["image"])
+            # The head runs in fp32 even under bf16 so that pred is the fp32 head's argmax of f.
+            logits = self.backbone.head(f)
+            idx, val = rank_topk(f, self.kmax)
+        out = {
+            schema.SAMPLE_ID: np.asarray(batch[schema.SAMPLE_ID], dtype=np.int64),
+            schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int32),
+            schema.PRED: logits.argmax(1).to(torch.int32).cpu().numpy(),
+            schema.TOPK_IDX: idx.to(torch.int32).cpu().numpy(),
+            schema.TOPK_VAL: val.cpu().numpy(),
+            schema.FEATURES: f.cpu().numpy(),
+        }
+        n = len(out[schema.SAMPLE_ID])
+        out["ok"] = np.asarray(batch["ok"], dtype=bool) if "ok" in batch else np.ones(n, dtype=bool)
+        out["error"] = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
+        return out
+
+
+def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, np.ndarray]:
+    """Write the ok rows of one batch to a new Parquet file under ``staging_uri``; return its summary.
+
+    The summary (one row) names the file and carries the skipped rows' ids and reasons, so
+    the driver can account for every input row without reading the data back.
+    """
+    ok = np.asarray(batch["ok"], dtype=bool)
+    rows = {name: np.asarray(batch[name])[ok] for name in schema.RECORDS_SCHEMA.names}
+    name = ""
+    if ok.any():
+        fs, path = storage.resolve(staging_uri)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        pq.write_table(records.records_to_table(rows), f"{path}/{name}", filesystem=fs)
+    skipped = [
+        {"sample_id": int(s), "reason": str(e)}
+        for s, e in zip(np.asarray(batch[schema.SAMPLE_ID])[~ok], np.asarray(batch["error"])[~ok])
+    ]
+    ids = rows[schema.SAMPLE_ID]
+    return {
+        "file": np.array([name], dtype=object),
+        "rows": np.array([int(ok.sum())], dtype=np.int64),
+        "min_id": np.array([int(ids.min()) if len(ids) else -1], dtype=np.int64),
+        "skipped": np.array([json.dumps(skipped)], dtype=object),
+    }
+
+
+# ----------------------------------------------------------------------------- Ray pipeline
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the driver decided about the cluster (never ``num_gpus`` on a cluster without GPUs)."""
+
+    use_gpu: bool
+    num_actors: int
+    actor_cpus: float
+    prepare_cpus: float
+    cpu_threads: int
+
+
+def plan_resources(cfg: ExtractConfig) -> Resources:
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu and not gpus:
+        raise RuntimeError("use_gpu=True but the Ray cluster has no GPU (an actor would wait forever)")
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    cpus_per_node = max(1, int(min(n["Resources"]["CPU"] for n in nodes))) if nodes else 1
+    if use_gpu:
+        num_actors = cfg.num_actors or gpus
+        return Resources(True, num_actors, 1.0, 1.0, cfg.cpu_threads or 1)
+    num_actors = cfg.num_actors or max(1, len(nodes))
+    # A CPU actor takes one logical CPU but runs torch on all the node's cores: the convs are
+    # where the time goes, and decoding 32-px PNGs is cheap. Prepare tasks get fractional CPUs so
+    # that they are never starved by the actors (on 2 cores, whole-CPU actors can deadlock reads).
+    return Resources(False, num_actors, 1.0 if cpus_per_node > 1 else 0.5, 0.5, cfg.cpu_threads or cpus_per_node)
+
+
+def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None):
+    """The Ray Dataset whose rows are per-file summaries (executing it writes the records)."""
+    import ray
+
+    from dtd_ray.backbones import get_backbone
+    from dtd_ray.datasets import parse_source, prepare_batch
+
+    source = source or parse_source(cfg.dataset)
+    pre = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization).preprocessing
+    ds = source.to_dataset(split)
+    ds = ds.map_batches(
+        prepare_batch,
+        fn_kwargs={"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input},
+        batch_format="numpy",
+        batch_size=cfg.batch_size,
+        num_cpus=res.prepare_cpus,
+    )
+    ds = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "weights": cfg.weights,
+            "normalization": cfg.normalization,
+            "kmax": cfg.kmax,
+            "use_gpu": res.use_gpu,
+            "precision": cfg.precision,
+            "channels_last": cfg.channels_last,
+            "cpu_threads": res.cpu_threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+        num_gpus=1 if res.use_gpu else 0,
+        num_cpus=res.actor_cpus,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
+    return ds.map_batches(
+        write_part,
+        fn_kwargs={"staging_uri": staging_uri},
+        batch_size=cfg.rows_per_file,
+        batch_format="numpy",
+        num_cpus=0.25,
+    )
+
+
+def content_config(cfg: ExtractConfig, *, split: str, feature_dim: int) -> dict[str, Any]:
+    out = {k: getattr(cfg, k) for k in _CONTENT_FIELDS}
+    out["kmax"] = min(cfg.kmax, feature_dim)
+    out["split"] = split
+    return out
+
+
+def _commit(
+    cfg: ExtractConfig,
+    *,
+    summaries: list[dict[str, Any]],
+    part_fs,
+    part_path: str,
+    staging_path: str,
+    expected_rows: int,
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    written = [s for s in summaries if s["file"]]
+    rows = int(sum(s["rows"] for s in summaries))
+    skipped = [x for s in summaries for x in json.loads(s["skipped"])]
+    if rows + len(skipped) != expected_rows:
+        raise RuntimeError(
+            f"{part_path}: {rows} rows written + {len(skipped)} skipped != {expected_rows} inputs; not committed"
+        )
+    # Deterministic file names, in sample_id order: part-00000.parquet, part-00001.parquet, …
+    for i, s in enumerate(sorted(written, key=lambda s: s["min_id"])):
+        part_fs.move(f"{staging_path}/{s['file']}", f"{part_path}/part-{i:05d}.parquet")
+    storage.remove_tree(part_fs, staging_path)
+    manifest.update(rows=rows, files=len(written), skipped=len(skipped), skipped_items=skipped[:1000])
+    storage.write_json(part_fs, f"{part_path}/{schema.MANIFEST_NAME}", manifest)
+    return manifest
+
+
+def _format_rate(rows: int, seconds: float) -> str:
+    return f"{rows / seconds:,.0f}" if seconds > 0 else "n/a"
+
+
+def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, feature_dim: int, num_classes: int):
+    """Extract one partition unless it is finished; returns its manifest (``status`` says which)."""
+    root = f"{cfg.output.rstrip('/')}/records"
+    key = cfg.split_key(split)
+    uri = records.partition_uri(root, model=cfg.model_key, split=key)
+    fs, path = storage.resolve(uri)
+    content = content_config(cfg, split=split, feature_dim=feature_dim)
+    chash = config_lib.config_hash(content)
+    old = storage.read_json(fs, f"{path}/{schema.MANIFEST_NAME}")
+    if old is not None and not cfg.overwrite:
+        if old.get("config_hash") == chash:
+            print(f"[extract] {cfg.model_key}/{key}: finished earlier ({old['rows']} rows), skipped", flush=True)
+            return {**old, "status": "skipped"}
+        diff = sorted(k for k in content if old.get("content", {}).get(k) != content[k])
+        raise ValueError(
+            f"{uri} holds records of another config (differs in {', '.join(diff) or 'version'}); "
+            "pass --overwrite to replace them or --tag to write beside them"
+        )
+    # Unfinished (or overwritten): start clean, so no stale file from an earlier try survives.
+    storage.remove_tree(fs, path)
+    staging_path = f"{path}/{schema.STAGING_PREFIX}-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(staging_path, recursive=True)
+    staging_uri = f"{uri}/{staging_path.rsplit('/', 1)[1]}"
+
+    expected = source.num_rows(split)
+    print(f"[extract] {cfg.model_key}/{key}: {expected} inputs, {res.num_actors} "
+          f"{'GPU' if res.use_gpu else 'CPU'} actor(s), batch {cfg.batch_size}", flush=True)
+    t0 = time.perf_counter()
+    ds = build_pipeline(cfg, split=split, staging_uri=staging_uri, res=res, source=source)
+    summaries: list[dict[str, Any]] = []
+    done = 0
+    for row in ds.iter_rows():
+        summaries.append(row)
+        done += int(row["rows"]) + len(json.loads(row["skipped"]))
+        dt = time.perf_counter() - t0
+        print(f"[extract] {cfg.model_key}/{key}: {done}/{expected} ({100 * done / max(expected, 1):.0f}%), "
+              f"{_format_rate(done, dt)} images/s", flush=True)
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "model": cfg.model_key,
+        "split": key,
+        "source_split": split,
+        "config": config_lib.to_dict(cfg),
+        "content": content,
+        "config_hash": chash,
+        "versions": config_lib.versions(),
+        "seconds": round(seconds, 3),
+        "kmax": content["kmax"],
+        "feature_dim": feature_dim,
+        "num_classes": num_classes,
+        "use_gpu": res.use_gpu,
+        "num_actors": res.num_actors,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest = _commit(cfg, summaries=summaries, part_fs=fs, part_path=path, staging_path=staging_path,
+                       expected_rows=expected, manifest=manifest)
+    print(f"[extract] {cfg.model_key}/{key}: wrote {manifest['rows']} rows ({manifest['skipped']} skipped) "
+          f"in {seconds:.1f} s, {_format_rate(expected, seconds)} images/s", flush=True)
+    return {**manifest, "status": "written"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver checked before touching Ray: the source and the backbone's shape."""
+
+    source: Any
+    feature_dim: int
+    num_classes: int
+
+
+def check_extract(cfg: ExtractConfig) -> Plan:
+    """Validate names, paths, splits, weights and the output before anything is scheduled.
+
+    Raises one-line ``ValueError`` / ``FileNotFoundError`` / ``PermissionError``; needs no Ray.
+    """
+    from dtd_ray.backbones import get_backbone
+    from dtd_ray.datasets import parse_source
+
+    source = parse_source(cfg.dataset)
+    for split in cfg.splits:
+        if split not in source.splits():
+            raise ValueError(f"split {split!r} not in {cfg.dataset}; valid: {', '.join(source.splits())}")
+    backbone = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization)
+    if backbone.num_classes != len(source.classes):
+        log.warning("%s has %d classes but %s has %d", cfg.model, backbone.num_classes, cfg.dataset,
+                    len(source.classes))
+    storage.check_writable(cfg.output)
+    return Plan(source=source, feature_dim=backbone.feature_dim, num_classes=backbone.num_classes)
+
+
+def run_extract(cfg: ExtractConfig, *, plan: Plan | None = None) -> dict[str, Any]:
+    """Extract every split of ``cfg`` on the running Ray cluster; returns a summary dict.
+
+    Prints progress while it runs and one summary line at the end. ``plan`` is the result
+    of :func:`check_extract` where the caller already ran it.
+    """
+    plan = plan or check_extract(cfg)
+    source = plan.source
+    res = plan_resources(cfg)
+    t0 = time.perf_counter()
+    parts = [
+        extract_split(cfg, split=s, res=res, source=source, feature_dim=plan.feature_dim,
+                      num_classes=plan.num_classes)
+        for s in cfg.splits
+    ]
+    seconds = time.perf_counter() - t0
+    written = [p for p in parts if p["status"] == "written"]
+    rows = sum(p["rows"] for p in written)
+    skipped = sum(p["skipped"] for p in written)
+    compute_s = sum(p["seconds"] for p in written)
+    summary = {
+        "model": cfg.model_key,
+        "output": f"{cfg.output.rstrip('/')}/records",
+        "partitions": {p["split"]: p["status"] for p in parts},
+        "rows": rows,
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "images_per_s": round((rows + skipped) / compute_s, 1) if compute_s else None,
+    }
+    print(f"[extract] done: {summary['model']} {len(written)} written / {len(parts) - len(written)} skipped "
+          f"partitions, rows={rows} skipped_inputs={skipped} images/s={summary['images_per_s']} "
+          f"seconds={seconds:.1f} -> {summary['output']}", flush=True)
+    return summary
+
+
+def config_from_kwargs(**kwargs: Any) -> ExtractConfig:
+    config_lib.check_keys(ExtractConfig, kwargs)
+    return ExtractConfig(**kwargs)
+
+
+__all__ = [
+    "ExtractConfig",
+    "FeatureExtractor",
+    "Resources",
+    "build_pipeline",
+    "check_extract",
+    "config_from_kwargs",
+    "normalize_images",
+    "plan_resources",
+    "rank_topk",
+    "run_extract",
+    "write_part",
+]
+

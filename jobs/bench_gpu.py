@@ -1,0 +1,214 @@
+"""GPU checks of the model-side code paths, in plain PyTorch (no Ray needed on the GPU box).
+
+    python jobs/bench_gpu.py --data DIR --out gpu.json
+
+DIR holds ``cifar10_test.npz`` (``images`` uint8 N×32×32×3, ``labels``) and
+``resnet20-12fca82f.th``; ``python jobs/bench_gpu.py prepare --shared ../shared/data --data DIR``
+writes them from the shared CIFAR-10 PNGs. Measures, on the one visible GPU:
+
+1. the extraction callable in bf16 + channels_last against fp32: feature relative error,
+   top-5 set agreement, accuracy of both;
+2. images/s of the callable (numpy in, numpy out) and of the bare forward, for
+   cifar_resnet20 at batch 2048 and resnet50 at 224 px, batch 256;
+3. the decomposed head on the GPU: module = masked full FC;
+4. one fine-tuning epoch (50k images) of resnet20 through a decomposed head (Adam, lr 1e-4,
+   bf16 autocast, channels_last, random crop + flip on the GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dtd_ray.extract import FeatureExtractor  # noqa: E402
+
+
+def prepare(shared: str = "../shared/data", data: str = ".devdata") -> None:
+    """Write cifar10_test.npz and copy the resnet20 checkpoint into ``data`` (git-ignored)."""
+    import shutil
+
+    from PIL import Image
+
+    root = os.path.join(shared, "cifar10", "test")
+    classes = sorted(os.listdir(root))
+    imgs, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(root, c))):
+            imgs.append(np.asarray(Image.open(os.path.join(root, c, f)).convert("RGB")))
+            labels.append(i)
+    os.makedirs(data, exist_ok=True)
+    np.savez(os.path.join(data, "cifar10_test.npz"), images=np.stack(imgs), labels=np.array(labels))
+    shutil.copy(os.path.join(shared, "cifar_resnets", "resnet20-12fca82f.th"), data)
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _rate(fn, n_items: int, *, warmup: int = 3, iters: int = 10) -> float:
+    """Median items/s of ``fn`` over ``iters`` timed calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return n_items / statistics.median(times)
+
+
+def check_precision(data: str) -> dict:
+    z = np.load(os.path.join(data, "cifar10_test.npz"))
+    images, labels = z["images"], z["labels"]
+    ckpt = os.path.join(data, "resnet20-12fca82f.th")
+    kw = dict(model="cifar_resnet20", weights=ckpt, normalization="cifar10", kmax=64, use_gpu=True)
+    ref = FeatureExtractor(precision="fp32", channels_last=False, **kw)
+    fast = FeatureExtractor(precision="bf16", channels_last=True, **kw)
+    batch = {"image": images, "sample_id": np.arange(len(images)), "label": labels}
+    a, b = ref(batch), fast(batch)
+    fa, fb = a["features"], b["features"]
+    rel = np.linalg.norm(fb - fa, axis=1) / np.maximum(np.linalg.norm(fa, axis=1), 1e-12)
+    top5 = np.mean([set(x[:5]) == set(y[:5]) for x, y in zip(a["topk_idx"], b["topk_idx"])])
+    return {
+        "n": int(len(images)),
+        "feature_rel_err_median": float(np.median(rel)),
+        "feature_rel_err_p99": float(np.quantile(rel, 0.99)),
+        "feature_rel_err_max": float(rel.max()),
+        "top5_sets_equal_frac": float(top5),
+        "acc_fp32": float((a["pred"] == labels).mean() * 100),
+        "acc_bf16_cl": float((b["pred"] == labels).mean() * 100),
+    }
+
+
+def check_throughput(data: str) -> dict:
+    out = {}
+    ckpt = os.path.join(data, "resnet20-12fca82f.th")
+    z = np.load(os.path.join(data, "cifar10_test.npz"))
+    cases = [
+        ("cifar_resnet20", ckpt, 2048, np.resize(z["images"], (2048, 32, 32, 3))),
+        ("resnet50", None, 256, np.random.default_rng(0).integers(0, 256, (256, 224, 224, 3), dtype=np.uint8)),
+    ]
+    for name, weights, bs, imgs in cases:
+        for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True)):
+            ext = FeatureExtractor(model=name, weights=weights, kmax=64, use_gpu=True, precision=prec,
+                                   channels_last=cl)
+            batch = {"image": imgs, "sample_id": np.arange(bs), "label": np.zeros(bs)}
+            key = f"{name}/{prec}{'+cl' if cl else ''}"
+            with torch.inference_mode():
+                # numpy uint8 → device → normalise → features (what the callable does before the head)
+                out[f"{key}/features_from_numpy_img_s"] = _rate(lambda: ext.features(imgs), bs)
+                xd = torch.randn(bs, 3, imgs.shape[1], imgs.shape[2], device="cuda")
+                if cl:
+                    xd = xd.contiguous(memory_format=torch.channels_last)
+
+                def fwd():
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                        ext.backbone.forward_features(xd)
+
+                out[f"{key}/bare_forward_img_s"] = _rate(fwd, bs)
+            out[f"{key}/callable_img_s"] = _rate(lambda: ext(batch), bs)
+            del ext
+            torch.cuda.empty_cache()
+    return out
+
+
+def check_head() -> dict:
+    from dtd_ray.heads import DecomposedHead, masked_logits
+
+    g = torch.Generator().manual_seed(0)
+    C, m, k2, n = 1000, 2048, 50, 4096
+    W, b = torch.randn(C, m, generator=g), torch.randn(C, generator=g)
+    idx = torch.stack([torch.randperm(m, generator=g)[:k2] for _ in range(C)])
+    f = torch.rand(n, m, generator=g)
+    head = DecomposedHead(weight=W, bias=b, idx=idx).cuda()
+    with torch.inference_mode():
+        z = head(f.cuda()).double().cpu()
+    ref = masked_logits(features=f, weight=W, bias=b, idx=idx)
+    return {"head_max_abs_diff_vs_masked_fc": float((z - ref).abs().max()), "C": C, "m": m, "k2": k2}
+
+
+def time_finetune_epoch(data: str, *, batch_size: int = 128, epoch_images: int = 50_000) -> dict:
+    """One epoch of resnet20 + decomposed head (k=5), Adam lr 1e-4, bf16 autocast, channels_last."""
+    import torch.nn.functional as F
+
+    from dtd_ray.backbones import get_backbone
+    from dtd_ray.extract import normalize_images
+    from dtd_ray.heads import DecomposedHead
+
+    z = np.load(os.path.join(data, "cifar10_test.npz"))
+    images = torch.from_numpy(z["images"]).cuda()
+    labels = torch.from_numpy(z["labels"]).long().cuda()
+    bb = get_backbone("cifar_resnet20", weights=os.path.join(data, "resnet20-12fca82f.th"),
+                      normalization="cifar10").cuda()
+    idx = torch.stack([torch.randperm(64)[:5] for _ in range(10)])
+    head = DecomposedHead.from_linear(bb.head, idx).cuda()
+    bb = bb.to(memory_format=torch.channels_last).train()
+    params = list(bb.features.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4)
+    mean = torch.tensor(bb.preprocessing.mean, device="cuda")
+    std = torch.tensor(bb.preprocessing.std, device="cuda")
+    n = len(images)
+
+    def step(sel):
+        x = normalize_images(images[sel], mean=mean, std=std)
+        # random crop (4-px zero pad) + horizontal flip, on the GPU
+        x = F.pad(x, (4, 4, 4, 4))
+        i, j = np.random.randint(0, 9, 2)
+        x = x[:, :, i:i + 32, j:j + 32]
+        if np.random.rand() < 0.5:
+            x = x.flip(3)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(head(bb.forward_features(x).float()), labels[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(5):  # warm-up
+        step(torch.randint(0, n, (batch_size,), device="cuda"))
+    _sync()
+    t0 = time.perf_counter()
+    steps = epoch_images // batch_size
+    for _ in range(steps):
+        step(torch.randint(0, n, (batch_size,), device="cuda"))
+    _sync()
+    dt = time.perf_counter() - t0
+    return {f"finetune_b{batch_size}_epoch_s": dt, f"finetune_b{batch_size}_img_s": steps * batch_size / dt}
+
+
+def main(data: str = ".devdata", out: str = "gpu.json") -> dict:
+    if not torch.cuda.is_available():
+        sys.exit("error: no CUDA device visible")
+    torch.backends.cudnn.benchmark = True
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    for name, fn in (("precision", lambda: check_precision(data)), ("throughput", lambda: check_throughput(data)),
+                     ("head", check_head),
+                     ("finetune", lambda: {**time_finetune_epoch(data, batch_size=128),
+                                           **time_finetune_epoch(data, batch_size=512)})):
+        t0 = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as e:  # keep the other checks' figures if one fails
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[gpu] {name} ({time.perf_counter() - t0:.1f} s): {json.dumps(res[name], indent=1)}", flush=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    # The GPU box has torch but not necessarily fire: accept --key=value by hand.
+    args = sys.argv[1:]
+    fn = prepare if args[:1] == ["prepare"] else main
+    fn(**dict(a.lstrip("-").split("=", 1) for a in args if a != "prepare"))
