@@ -221,3 +221,13 @@ def test_jobs_extract_cli_help_and_error(tmp_path):
     bad = subprocess.run([sys.executable, "jobs/extract.py", "--kmx", "3"], cwd=root, capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown ExtractConfig")
+
+
+def test_fp16_overflow_falls_back_to_fp32(tiny):
+    ext = FeatureExtractor(model="cifar_resnet20", weights=str(tiny / "ckpt.th"), kmax=4, use_gpu=False,
+                           precision="fp16")
+    with torch.no_grad():
+        ext.backbone.features.conv1.weight.mul_(1e4)  # activations far beyond fp16's 65504
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    f = ext.features(images)
+    assert torch.isfinite(f).all() and f.abs().max() > 65504
