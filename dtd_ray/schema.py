@@ -69,3 +69,27 @@ def partition_path(root: str, **keys: object) -> str:
     """``root/k1=v1/k2=v2`` in the order given (Hive layout)."""
     parts = [root.rstrip("/")] + [f"{k}={v}" for k, v in keys.items()]
     return "/".join(parts)
+
+# --- maps/ as written by decompose: MAPS_SCHEMA plus the strategy's ranking score ---
+# (``count`` is the frequency count for ``frequency`` rows and null for the other
+# strategies; ``k1`` is -1 for strategies whose map does not depend on k1.)
+MAPS_SCORED_SCHEMA = pa.schema(list(MAPS_SCHEMA) + [pa.field("score", pa.float64())])
+
+# --- eval/ : accuracy of decomposed heads on cached features (decompose) ---------
+EVAL_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("split", pa.string()),  # the split evaluated
+        pa.field("select_split", pa.string()),  # the split the maps were selected from
+        pa.field("correct_only", pa.bool_()),  # selection counted only correctly classified instances
+        pa.field("strategy", pa.string()),
+        pa.field("k1", pa.int32()),  # -1 where the strategy does not depend on k1
+        pa.field("k2", pa.int32()),
+        pa.field("n_instances", pa.int64()),
+        pa.field("acc_full", pa.float64()),
+        pa.field("acc_decomposed", pa.float64()),
+        pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
+        pa.field("head_macs_decomposed", pa.int64()),  # C·k2
+        pa.field("channels_used", pa.int32()),  # |∪_y I_y|
+    ]
+)

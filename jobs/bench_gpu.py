@@ -119,7 +119,7 @@ def check_throughput(data: str) -> dict:
 
                 out[f"{key}/bare_forward_img_s"] = _rate(fwd, bs)
             out[f"{key}/callable_img_s"] = _rate(lambda: ext(batch), bs)
-            del ext
+            ext = None  # free the model before the next case
             torch.cuda.empty_cache()
     return out
 

@@ -1,0 +1,263 @@
+"""Analyses of class maps: head cost, channel usage, essentiality, and Ψ.
+
+* :func:`head_macs` — multiply-adds per instance of the full head (``C·m``) and of the
+  decomposed head (``C·k2``); bias additions are not counted in either.
+* :func:`channel_usage` / :func:`pruning_summary` — how many classes use each channel;
+  channels no class uses (``m − |∪_y I_y|``) are what pruning the last block could remove.
+* :func:`essentiality_test` — the paper's test: for the instances of class ``y``, replace
+  the class's selected features ``f_j, j ∈ I_y`` by ``N(0, 1)`` noise, and separately
+  replace all its other features ``f_j, j ∉ I_y``; the per-class accuracy of both (and
+  of the clean features). Selected features are essential when the first collapses and
+  the second does not.
+* :func:`psi` — per instance, the fraction of channels *not* needed to reach a fraction
+  ``q`` of the L1 mass: with ``|v|`` sorted descending and ``n_q`` the smallest count whose
+  prefix sum is ≥ ``q · Σ|v|``, ``Ψ = 1 − n_q / m``; :func:`psi_by_class` takes the
+  median over each class. For conv blocks ``v`` is the per-channel L1 norm of the
+  feature map (:func:`channel_l1`); :func:`block_channel_norms` collects those for the
+  blocks a backbone names (last block and earlier ones) through forward hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtd_ray import heads
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def head_macs(*, num_classes: int, feature_dim: int, k2: int | None = None) -> dict[str, Any]:
+    """``{"full": C·m, "decomposed": C·k2, "ratio": k2/m}`` multiply-adds per instance."""
+    if k2 is not None and not 1 <= k2 <= feature_dim:
+        raise ValueError(f"k2={k2} is outside [1, {feature_dim}] (the feature dimension)")
+    full = int(num_classes) * int(feature_dim)
+    out: dict[str, Any] = {"full": full}
+    if k2 is not None:
+        out["decomposed"] = int(num_classes) * int(k2)
+        out["ratio"] = out["decomposed"] / full
+    return out
+
+
+# --------------------------------------------------------------------------- channels
+
+
+def channel_usage(*, idx: Any, feature_dim: int) -> np.ndarray:
+    """``u[j]`` = number of classes whose map contains feature ``j`` (m,)."""
+    idx = heads.check_map(idx, num_classes=np.asarray(idx).shape[0], feature_dim=feature_dim).numpy()
+    return np.bincount(idx.reshape(-1), minlength=feature_dim)
+
+
+def pruning_summary(*, idx: Any, feature_dim: int) -> dict[str, Any]:
+    """Channels any class uses (``|∪_y I_y|``) and those none uses (prunable), with shares.
+
+    ``shared`` counts channels used by more than one class; ``max_classes_per_channel``
+    is the most classes any one channel serves.
+    """
+    u = channel_usage(idx=idx, feature_dim=feature_dim)
+    used = int((u > 0).sum())
+    return {
+        "feature_dim": int(feature_dim),
+        "channels_used": used,
+        "channels_unused": int(feature_dim - used),
+        "unused_fraction": float((feature_dim - used) / feature_dim),
+        "unused": np.flatnonzero(u == 0).tolist(),
+        "shared": int((u > 1).sum()),
+        "max_classes_per_channel": int(u.max()) if u.size else 0,
+    }
+
+
+# --------------------------------------------------------------------------- essentiality
+
+
+def essentiality_test(
+    *,
+    features: Any,
+    labels: Any,
+    weight: Any,
+    bias: Any,
+    idx: Any,
+    seed: int = 0,
+    head: str = "full",
+    noise_std: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Per-class accuracy with the class's selected / other features replaced by noise.
+
+    For each class ``y`` and its instances ``i``: ``f'_i[I_y] ~ N(0, noise_std²)``
+    (``acc_selected_noise[y]``) and, separately, ``f'_i[j ∉ I_y] ~ N(0, noise_std²)``
+    (``acc_others_noise[y]``); ``acc_clean[y]`` uses ``f_i``. Predictions come from the
+    original head (``head="full"``) or the decomposed head (``head="decomposed"``).
+    Noise is drawn per class from ``numpy.random.default_rng([seed, y])``, so a class's
+    result does not depend on the others. A class with no instances gets NaN.
+    Returns arrays (C,): ``n, acc_clean, acc_selected_noise, acc_others_noise``.
+    """
+    if head not in ("full", "decomposed"):
+        raise ValueError(f"head must be 'full' or 'decomposed', got {head!r}")
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    C, m = w.shape
+    if f.ndim != 2 or f.shape[1] != m:
+        raise ValueError(f"features have shape {f.shape}, expected (N, {m})")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or inf values")
+    if y.size and (y.min() < 0 or y.max() >= C):
+        raise ValueError(f"labels outside [0, {C})")
+    I = heads.check_map(idx, num_classes=C, feature_dim=m).numpy()
+    w_eval = heads.masked_weight(weight=w, idx=I).numpy() if head == "decomposed" else w
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return (x @ w_eval.T + b).argmax(1)
+
+    out = {k: np.full(C, np.nan) for k in ("acc_clean", "acc_selected_noise", "acc_others_noise")}
+    out["n"] = np.bincount(y, minlength=C)
+    for c in range(C):
+        rows = np.flatnonzero(y == c)
+        if rows.size == 0:
+            continue
+        x = f[rows]
+        sel = np.zeros(m, dtype=bool)
+        sel[I[c]] = True
+        rng = np.random.default_rng([seed, c])
+        noise = rng.normal(0.0, noise_std, size=x.shape)
+        out["acc_clean"][c] = float((predict(x) == c).mean())
+        xs = x.copy()
+        xs[:, sel] = noise[:, sel]
+        out["acc_selected_noise"][c] = float((predict(xs) == c).mean())
+        xo = x.copy()
+        xo[:, ~sel] = noise[:, ~sel]
+        out["acc_others_noise"][c] = float((predict(xo) == c).mean())
+    empty = np.flatnonzero(out["n"] == 0)
+    if empty.size:
+        log.warning("essentiality test: class(es) %s have no instances (NaN accuracy)", empty.tolist())
+    return out
+
+
+# --------------------------------------------------------------------------- Ψ
+
+
+def psi(*, values: Any, q: float = 0.9) -> np.ndarray:
+    """Per instance, the fraction of channels not needed to reach ``q`` of the L1 mass (N,).
+
+    ``a = sort(|v|, desc)``, ``n_q = min{n : Σ_{r<n} a_r ≥ q · Σ_r a_r}``, ``Ψ = 1 − n_q/m``.
+    The comparison allows a relative 1e-12 for rounding in the prefix sums. Rows with
+    zero mass have no defined ``n_q``: NaN.
+    """
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"q={q} is outside (0, 1]")
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    if v.ndim != 2:
+        raise ValueError(f"values have shape {v.shape}, expected (N, channels)")
+    if not np.isfinite(v).all():
+        raise ValueError("values contain NaN or inf")
+    N, m = v.shape
+    a = -np.sort(-v, axis=1)
+    cs = np.cumsum(a, axis=1)
+    total = cs[:, -1:] if m else np.zeros((N, 1))
+    reached = cs >= q * total * (1.0 - 1e-12)
+    n_q = reached.argmax(axis=1) + 1
+    out = 1.0 - n_q / m
+    out[total[:, 0] <= 0] = np.nan
+    return out
+
+
+def psi_by_class(*, values: Any, labels: Any, num_classes: int, q: float = 0.9) -> dict[str, Any]:
+    """``median_{i ∈ y} Ψ_i`` per class (C,), with the instance counts and a warning list.
+
+    Instances with zero mass (undefined Ψ) are left out and counted in ``zero_mass``; a
+    class with no instances (or none with mass) gets NaN and a warning.
+    """
+    p = psi(values=values, q=q)
+    y = np.asarray(labels).astype(np.int64)
+    if y.shape != p.shape:
+        raise ValueError(f"labels have shape {y.shape}, values {np.asarray(values).shape}")
+    med = np.full(num_classes, np.nan)
+    n = np.bincount(y, minlength=num_classes)[:num_classes]
+    warnings: list[str] = []
+    for c in range(num_classes):
+        pc = p[y == c]
+        pc = pc[np.isfinite(pc)]
+        if pc.size:
+            med[c] = float(np.median(pc))
+    zero = int(np.isnan(p).sum())
+    if zero:
+        warnings.append(f"{zero} instance(s) with zero L1 mass have no Ψ and were left out")
+    empty = np.flatnonzero(np.isnan(med)).tolist()
+    if empty:
+        warnings.append(f"class(es) {empty} have no instances with mass: Ψ is NaN")
+    for w in warnings:
+        log.warning(w)
+    return {"q": q, "psi_median": med, "n": n, "zero_mass": zero, "warnings": warnings}
+
+
+def channel_l1(feature_map: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Per-channel L1 norm of a block's output: ``v[n, c] = Σ_{h,w} |x[n, c, h, w]|`` (N, C).
+
+    A 2-D input (already pooled features) is returned as ``|x|``.
+    """
+    x = feature_map if isinstance(feature_map, torch.Tensor) else torch.from_numpy(np.asarray(feature_map))
+    x = x.detach().float().abs()
+    if x.ndim == 2:
+        return x.numpy()
+    if x.ndim < 3:
+        raise ValueError(f"feature map has shape {tuple(x.shape)}, expected (N, C, ...)")
+    return x.flatten(2).sum(-1).numpy()
+
+
+def block_channel_norms(
+    *,
+    backbone: Any,
+    batches: Iterable[torch.Tensor],
+    blocks: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-channel L1 norms (N, C_b) of the outputs of named blocks, via forward hooks.
+
+    ``backbone`` has ``blocks`` (name → module, forward order; the last is the last
+    conv block before pooling) and ``forward_features``; ``batches`` yields normalised
+    input tensors. ``blocks`` defaults to all the backbone names. The hooks are removed
+    afterwards, also on error.
+    """
+    named = dict(backbone.blocks)
+    names = list(named) if blocks is None else list(blocks)
+    unknown = [b for b in names if b not in named]
+    if unknown:
+        raise ValueError(f"unknown block(s) {unknown}; the backbone names {list(named)}")
+    acc: dict[str, list[np.ndarray]] = {b: [] for b in names}
+    handles = []
+    for b in names:
+        handles.append(named[b].register_forward_hook(lambda _m, _i, out, b=b: acc[b].append(channel_l1(out))))
+    try:
+        with torch.inference_mode():
+            for x in batches:
+                backbone.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {b: (np.concatenate(v) if v else np.zeros((0, 0))) for b, v in acc.items()}
+
+
+def psi_for_blocks(
+    *,
+    backbone: Any,
+    batches: Iterable[torch.Tensor],
+    labels: Any,
+    num_classes: int,
+    q: float = 0.9,
+    blocks: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`psi_by_class` of the per-channel L1 norms of each named block (last block and earlier ones).
+
+    ``batches`` must yield the instances of ``labels`` in order. For the last block the
+    result equals Ψ of the pooled features when the block ends in a ReLU (the L1 norm
+    of a non-negative map is ``H·W`` times its average).
+    """
+    norms = block_channel_norms(backbone=backbone, batches=batches, blocks=blocks)
+    return {name: psi_by_class(values=v, labels=labels, num_classes=num_classes, q=q) for name, v in norms.items()}

@@ -1,0 +1,306 @@
+"""Selection strategies: which ``k2`` features each class keeps.
+
+Every strategy returns a :class:`ClassMap` — per class a ranked list of feature
+indices (best first) with the score that ranked it. A map of length ``K`` holds every
+smaller map as a prefix: the ``k2``-map is ``idx[:, :k2]``, because each strategy's
+ranking is a strict total order (its ties are broken deterministically), so the top-
+``k2`` set of a ranking is always its first ``k2`` entries.
+
+Strategies and their tie-breaks (earlier keys win; "lower index" is the last key of
+every strategy, which makes each ranking a strict order):
+
+``frequency`` (the paper)
+    ``count[k1][y, j]`` descending (how many instances of ``y`` have ``j`` among their
+    top-``k1`` features), then the class's summed magnitude ``mass[y, j] = Σ |f_ij|``
+    over its top-``kmax`` entries descending, then lower index. Depends on ``k1``.
+``weight_l1``
+    ``|W[y, j]|`` descending, then ``W[y, j]`` descending (a positive weight before a
+    negative one of equal size), then lower index. Independent of ``k1``.
+``contribution``
+    the mean contribution ``W[y, j] · mean_{i ∈ y} f_ij`` over the class's selection
+    instances descending (signed: features that push the class's own logit up), then
+    lower index. Independent of ``k1``.
+``random``
+    a per-class permutation drawn from ``numpy.random.default_rng(seed)`` (one
+    ``random((C, m))`` draw, ranked by the drawn key, ties impossible in practice and
+    broken by lower index). Independent of ``k1``; maps of every ``k2`` are nested.
+
+For the ``k1``-independent strategies the map's ``k1`` is :data:`K1_NOT_APPLICABLE`
+(``-1``) in every table (``maps/``, evaluation rows), so a ``(strategy, k1, k2)`` key
+never pretends that ``k1`` mattered; compare them with ``frequency`` at equal ``k2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from dtd_ray.reduce import FreqTables
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("frequency", "weight_l1", "contribution", "random")
+K1_INDEPENDENT = ("weight_l1", "contribution", "random")
+K1_NOT_APPLICABLE = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMap:
+    """A ranked class → features map.
+
+    ``idx[y]`` are class ``y``'s features, best first (C, K); ``score[y]`` the strategy's
+    score of each (C, K) float64; ``count[y]`` the frequency counts where the strategy
+    is ``frequency`` (else ``None``). ``k1`` is the top-``k1`` of the frequency
+    strategy, :data:`K1_NOT_APPLICABLE` for the others (and for imported maps).
+    ``nested`` says whether every prefix is itself a map of the strategy (true for
+    every strategy here; false for imported maps, whose order is the file's).
+    """
+
+    strategy: str
+    k1: int
+    idx: np.ndarray
+    score: np.ndarray
+    count: np.ndarray | None = None
+    nested: bool = True  # False for an imported map: its order is the file's, only the full map is meaningful
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.idx.shape[0])
+
+    @property
+    def k2(self) -> int:
+        return int(self.idx.shape[1])
+
+    def top(self, k2: int) -> "ClassMap":
+        """The ``k2``-map: the first ``k2`` ranks of every class."""
+        if not self.nested and k2 != self.k2:
+            raise ValueError(f"{self.strategy} is not a ranking: only its full k2={self.k2} map is defined")
+        check_k2(k2=k2, k1=self.k1, limit=self.k2, what=f"this {self.strategy} map")
+        return dataclasses.replace(
+            self,
+            idx=self.idx[:, :k2],
+            score=self.score[:, :k2],
+            count=None if self.count is None else self.count[:, :k2],
+        )
+
+
+def check_k2(*, k2: int, k1: int, limit: int, what: str) -> None:
+    """Raise ``ValueError`` unless ``1 ≤ k2 ≤ limit`` and (for frequency) ``k2 ≤ k1``."""
+    if k2 < 1:
+        raise ValueError(f"k2={k2} is not ≥ 1")
+    if k1 != K1_NOT_APPLICABLE and k2 > k1:
+        raise ValueError(f"k2={k2} > k1={k1}: a class's top-k2 frequent features must come from its top-k1 lists")
+    if k2 > limit:
+        raise ValueError(f"k2={k2} exceeds the {limit} ranked features of {what}")
+
+
+def rank_rows(keys: Sequence[np.ndarray], *, k: int) -> np.ndarray:
+    """Per row, the column indices of the ``k`` best entries in rank order.
+
+    ``keys`` are (C, m) arrays, most significant first, each ranked descending; the
+    column index ascending is the final key. Implemented with ``np.lexsort``, whose
+    last key is primary and which is stable (so equal keys keep ascending index).
+    """
+    keys = [np.asarray(a) for a in keys]
+    C, m = keys[0].shape
+    if not 1 <= k <= m:
+        raise ValueError(f"k={k} is outside [1, {m}] (the feature dimension)")
+    # negate for descending order; lexsort's stability leaves ties in ascending column order
+    order = np.lexsort([-a for a in reversed(keys)], axis=-1)
+    return order[:, :k].astype(np.int64)
+
+
+def _rank_by_int_then_order(primary: np.ndarray, pos0: np.ndarray, *, k: int) -> np.ndarray:
+    """``rank_rows`` for an integer primary key whose ties follow a fixed per-row order.
+
+    ``pos0[y, j]`` is ``j``'s position in the tie order (0 = best). The composite key
+    ``primary·m + (m-1-pos0)`` is unique per row, so ``argpartition`` (O(m)) plus a sort
+    of the ``k`` winners gives the exact order — much cheaper than a full lexsort when
+    it is repeated for every ``k1`` of a large grid.
+    """
+    C, m = primary.shape
+    key = primary.astype(np.int64) * m + (m - 1 - pos0)
+    if k < m:
+        part = np.argpartition(-key, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(m), (C, m))
+    sub = np.take_along_axis(key, part, axis=1)
+    order = np.argsort(-sub, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+
+
+def frequency_tie_order(freq: FreqTables) -> np.ndarray:
+    """``pos0[y, j]``: ``j``'s place in class ``y``'s tie order (mass desc, then lower index)."""
+    C, m = freq.num_classes, freq.feature_dim
+    mass = freq.mass if freq.mass is not None else np.zeros((C, m))
+    order = rank_rows([mass], k=m)
+    pos0 = np.empty_like(order)
+    np.put_along_axis(pos0, order, np.broadcast_to(np.arange(m), (C, m)), axis=1)
+    return pos0
+
+
+def select_frequency(
+    *, freq: FreqTables, k1: int, k2: int, tie_order: np.ndarray | None = None, allow_empty: bool = False
+) -> ClassMap:
+    """The paper's map: ``I_y`` = the ``k2`` most frequent features in the top-``k1`` lists of class ``y``.
+
+    Ranking: ``count[k1][y, j]`` desc, then ``mass[y, j]`` desc, then lower ``j`` (see the
+    module docstring). ``tie_order`` (from :func:`frequency_tie_order`) may be passed to
+    reuse it over a grid. A class with no instances would get an arbitrary map: that is
+    a ``ValueError`` unless ``allow_empty``.
+    """
+    check_k2(k2=k2, k1=k1, limit=freq.feature_dim, what="the feature dimension")
+    counts = freq.for_k1(k1)
+    empty = np.flatnonzero(freq.n_instances == 0)
+    if empty.size and not allow_empty:
+        raise ValueError(
+            f"class(es) {empty.tolist()} have no selection instances: no frequency map can be selected for them"
+        )
+    pos0 = frequency_tie_order(freq) if tie_order is None else tie_order
+    idx = _rank_by_int_then_order(counts, pos0, k=k2)
+    cnt = np.take_along_axis(counts, idx, axis=1).astype(np.int64)
+    return ClassMap(strategy="frequency", k1=int(k1), idx=idx, score=cnt.astype(np.float64), count=cnt)
+
+
+def select_weight_l1(*, weight: np.ndarray, k2: int) -> ClassMap:
+    """``I_y`` = the ``k2`` features with the largest ``|W[y, j]|`` (then larger ``W``, then lower ``j``)."""
+    w = np.asarray(weight, dtype=np.float64)
+    check_k2(k2=k2, k1=K1_NOT_APPLICABLE, limit=w.shape[1], what="the feature dimension")
+    idx = rank_rows([np.abs(w), w], k=k2)
+    return ClassMap(strategy="weight_l1", k1=K1_NOT_APPLICABLE, idx=idx, score=np.abs(np.take_along_axis(w, idx, 1)))
+
+
+def mean_contribution(*, weight: np.ndarray, class_mean_features: np.ndarray) -> np.ndarray:
+    """``s[y, j] = W[y, j] · mean_{i ∈ y} f_ij`` (C, m): the mean of ``W[y, j] f_ij`` over class ``y``."""
+    w = np.asarray(weight, dtype=np.float64)
+    mu = np.asarray(class_mean_features, dtype=np.float64)
+    if mu.shape != w.shape:
+        raise ValueError(f"class mean features have shape {mu.shape}, the head {w.shape}")
+    return w * mu
+
+
+def select_contribution(*, weight: np.ndarray, class_mean_features: np.ndarray, k2: int) -> ClassMap:
+    """``I_y`` = the ``k2`` features of largest mean contribution ``W[y, j]·f̄_yj`` (then lower ``j``)."""
+    s = mean_contribution(weight=weight, class_mean_features=class_mean_features)
+    check_k2(k2=k2, k1=K1_NOT_APPLICABLE, limit=s.shape[1], what="the feature dimension")
+    if not np.isfinite(s).all():
+        raise ValueError("mean contributions contain NaN/inf (a class without instances?)")
+    idx = rank_rows([s], k=k2)
+    return ClassMap(strategy="contribution", k1=K1_NOT_APPLICABLE, idx=idx, score=np.take_along_axis(s, idx, 1))
+
+
+def select_random(*, num_classes: int, feature_dim: int, k2: int, seed: int) -> ClassMap:
+    """``I_y`` = the first ``k2`` of a seeded per-class random permutation (nested over ``k2``)."""
+    check_k2(k2=k2, k1=K1_NOT_APPLICABLE, limit=feature_dim, what="the feature dimension")
+    key = np.random.default_rng(seed).random((num_classes, feature_dim))
+    idx = rank_rows([key], k=k2)
+    return ClassMap(strategy="random", k1=K1_NOT_APPLICABLE, idx=idx, score=np.take_along_axis(key, idx, 1))
+
+
+def select_maps(
+    *,
+    strategies: Sequence[str],
+    freq: FreqTables,
+    weight: np.ndarray,
+    k1_grid: Sequence[int] | None = None,
+    k2_max: int | None = None,
+    seed: int = 0,
+) -> list[ClassMap]:
+    """The maps of a whole grid: for ``frequency`` one map per ``k1`` (length ``k1``, so
+    every ``k2 ≤ k1`` is a prefix), for each ``k1``-independent strategy one map of length
+    ``k2_max`` (default: the largest ``k1``).
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r}; valid: {', '.join(STRATEGIES)}")
+    w = np.asarray(weight)
+    if w.shape != (freq.num_classes, freq.feature_dim):
+        raise ValueError(f"head weight has shape {w.shape}, the tables (C, m) = {(freq.num_classes, freq.feature_dim)}")
+    grid = [int(k) for k in (freq.k1_grid if k1_grid is None else k1_grid)]
+    kk = int(k2_max or max(grid))
+    out: list[ClassMap] = []
+    for strategy in strategies:
+        if strategy == "frequency":
+            pos0 = frequency_tie_order(freq)
+            out.extend(select_frequency(freq=freq, k1=k1, k2=k1, tie_order=pos0) for k1 in grid)
+        elif strategy == "weight_l1":
+            out.append(select_weight_l1(weight=w, k2=kk))
+        elif strategy == "contribution":
+            out.append(select_contribution(weight=w, class_mean_features=freq.class_mean_features(), k2=kk))
+        else:
+            out.append(select_random(num_classes=w.shape[0], feature_dim=w.shape[1], k2=kk, seed=seed))
+    return out
+
+
+def imported_map(idx: np.ndarray, *, name: str = "imported") -> ClassMap:
+    """Wrap an external (C, k2) map (e.g. a reference JSON) in a :class:`ClassMap` (``k1`` not applicable)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return ClassMap(strategy=name, k1=K1_NOT_APPLICABLE, idx=idx, score=np.full(idx.shape, np.nan), nested=False)
+
+
+# --------------------------------------------------------------------------- maps/ table
+
+
+def maps_to_table(maps: Sequence[ClassMap], *, model: str) -> "pa.Table":
+    """Rows of :data:`schema.MAPS_SCORED_SCHEMA`: one per (map, class, rank).
+
+    Each map is stored once at its full length ``K`` (column ``k2 = K``); the map of
+    any smaller ``k2`` is its rows with ``rank < k2`` (see :func:`map_from_table`).
+    """
+
+    from dtd_ray import schema
+
+    cols: dict[str, list[np.ndarray]] = {f.name: [] for f in schema.MAPS_SCORED_SCHEMA}
+    for cm in maps:
+        C, K = cm.idx.shape
+        n = C * K
+        cols["model"].append(np.full(n, model, dtype=object))
+        cols["strategy"].append(np.full(n, cm.strategy, dtype=object))
+        cols["k1"].append(np.full(n, cm.k1, dtype=np.int32))
+        cols["k2"].append(np.full(n, K, dtype=np.int32))
+        cols["class"].append(np.repeat(np.arange(C, dtype=np.int32), K))
+        cols["rank"].append(np.tile(np.arange(K, dtype=np.int32), C))
+        cols["feature"].append(cm.idx.reshape(-1).astype(np.int32))
+        cols["count"].append(
+            np.full(n, None, dtype=object) if cm.count is None else cm.count.reshape(-1).astype(object)
+        )
+        cols["score"].append(cm.score.reshape(-1).astype(np.float64))
+    arrays = []
+    for f in schema.MAPS_SCORED_SCHEMA:
+        parts = cols[f.name]
+        data = np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+        arrays.append(pa.array(data, type=f.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=schema.MAPS_SCORED_SCHEMA)
+
+
+def map_from_table(table, *, strategy: str, k1: int, k2: int, num_classes: int | None = None) -> ClassMap:
+    """The ``(strategy, k1, k2)`` map from a ``maps/`` table (Arrow or pandas).
+
+    Picks the stored map of that strategy and ``k1`` (``-1`` for k1-independent
+    strategies) whose length is ≥ ``k2`` and takes its first ``k2`` ranks.
+    """
+
+    df = table.to_pandas() if isinstance(table, pa.Table) else table
+    sel = df[(df["strategy"] == strategy) & (df["k1"] == k1) & (df["k2"] >= k2)]
+    if sel.empty:
+        raise ValueError(f"no stored {strategy} map with k1={k1} and length ≥ {k2}")
+    K = int(sel["k2"].min())
+    sel = sel[(sel["k2"] == K) & (sel["rank"] < k2)].sort_values(["class", "rank"])
+    C = int(sel["class"].max()) + 1
+    if num_classes is not None and C != num_classes:
+        raise ValueError(f"stored map has {C} classes, expected {num_classes}")
+    if len(sel) != C * k2 or sel.duplicated(["class", "rank"]).any():
+        raise ValueError(
+            f"stored {strategy} map k1={k1}: {len(sel)} rows for {C}×{k2} (incomplete, or several selections "
+            "mixed: filter the table to one select_split / correct_only first)"
+        )
+    idx = sel["feature"].to_numpy().astype(np.int64).reshape(C, k2)
+    score = sel["score"].to_numpy().astype(np.float64).reshape(C, k2) if "score" in sel else np.full((C, k2), np.nan)
+    count = None
+    if strategy == "frequency" and sel["count"].notna().all():
+        count = sel["count"].to_numpy().astype(np.int64).reshape(C, k2)
+    return ClassMap(strategy=strategy, k1=int(k1), idx=idx, score=score, count=count)
