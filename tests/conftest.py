@@ -30,6 +30,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a cluster someone started with `ray start`
             num_cpus=2,
             object_store_memory=1_000_000_000,
             include_dashboard=False,
