@@ -212,6 +212,8 @@ def register_backbone(
     256→224. ``torchvision_weights`` is the torchvision weights enum that
     ``"torchvision:<member>"`` resolves in.
     """
+    if _TORCHVISION_FAMILIES.match(name):
+        _ensure_torchvision()  # a name torchvision could own: register those first, so a clash raises
     if name in _REGISTRY:
         raise ValueError(f"backbone {name!r} is already registered")
     _REGISTRY[name] = _Entry(name, builder, default_weights, description, preprocessing, torchvision_weights)
@@ -219,10 +221,14 @@ def register_backbone(
 
 def list_backbones() -> list[str]:
     """Registered backbone names, sorted."""
+    _ensure_torchvision()
     return sorted(_REGISTRY)
 
 
 def _entry(name: str) -> _Entry:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    _ensure_torchvision()
     if name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
@@ -858,6 +864,20 @@ def _torchvision_builder(arch: str) -> Callable[..., nn.Module]:
     return build
 
 
+_TORCHVISION_REGISTERED: list[bool] = []  # registration state of the lazy torchvision entries
+
+
+def _ensure_torchvision() -> None:
+    """Register the torchvision classifiers on first need.
+
+    Importing torchvision costs about a second; a model actor of a CIFAR ResNet never
+    needs it, and every actor of a pool pays its start-up time before the first batch.
+    """
+    if not _TORCHVISION_REGISTERED:
+        _TORCHVISION_REGISTERED.append(True)
+        _register_torchvision()
+
+
 def _register_torchvision() -> None:
     import torchvision.models as tvm
 
@@ -876,4 +896,3 @@ def _register_torchvision() -> None:
 
 
 _register_cifar_resnets()
-_register_torchvision()
