@@ -9,7 +9,7 @@ that layer's ``(W, b)``. Every registered backbone is therefore split into
 
 Two families are registered at import:
 
-* ``cifar_resnet20/32/44/56/110/1202``: the CIFAR ResNets of He et al. (2016) with
+* ``cifar_resnet8/14/20/32/44/56/110/1202``: the CIFAR ResNets of He et al. (2016) with
   option-A (parameter-free) shortcuts, key-compatible with the public
   ``pytorch_resnet_cifar10`` checkpoints (``module.`` prefix stripped).
 * torchvision classifiers that end in one linear layer (ResNet, ResNeXt, Wide-ResNet,
@@ -815,7 +815,7 @@ _AKAMASTER = {
 
 
 def _register_cifar_resnets() -> None:
-    for depth in (20, 32, 44, 56, 110, 1202):
+    for depth in (8, 14, 20, 32, 44, 56, 110, 1202):
         record = None
         if depth in _AKAMASTER:
             file, sha, acc_imagenet, acc_cifar = _AKAMASTER[depth]

@@ -158,7 +158,8 @@ class FeatureExtractor:
 
     def features(self, images: np.ndarray) -> torch.Tensor:
         """Penultimate features (fp32) of a uint8 NHWC batch."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        # Ray Data hands out read-only, zero-copy batches; torch wants a writable array (uint8: a cheap copy).
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device, non_blocking=True)
         x = normalize_images(x, mean=self.mean, std=self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

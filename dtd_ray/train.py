@@ -1,0 +1,224 @@
+"""Train a CIFAR-style ResNet of any depth on any dataset source (the project's own backbones).
+
+The training loop is plain PyTorch (:func:`train_backbone`), so it runs in a Ray task on
+a GPU node, in-process on a bare GPU box, or on a CPU. :func:`run_train` writes the
+checkpoint in the public CIFAR-ResNet format (``{'state_dict', 'best_prec1'}``, which
+:func:`dtd_ray.backbones.get_backbone` loads by path) and a JSON record beside it with
+the resolved config, the per-epoch log, the test accuracy and the checkpoint's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dtd_ray import config as config_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cifar_resnet20"  # a CIFAR ResNet (cifar_resnet8/14/20/32/44/56/110/1202)
+    dataset: str = "fashion-mnist"  # dataset source spec with the two splits below
+    train_split: str = "train"  # split trained on
+    eval_split: str = "test"  # split whose accuracy is reported after every epoch
+    epochs: int = 15  # passes over the training split
+    batch_size: int = 128  # images per SGD step
+    lr: float = 0.1  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty on all weights
+    augment: str | None = "cifar"  # "cifar": zero-pad 4 px, random crop, random flip (seeded per epoch and sample); None: off
+    in_channels: int | None = None  # image channels (None: those of an array source, else 3); 1 → 28 px, 3 → 32 px
+    normalization: str | None = None  # mean/std (None: the model's default for the data's channels)
+    seed: int = 0  # seeds the initialisation, the shuffling and the augmentation
+    use_gpu: bool | None = None  # None: a GPU if the cluster (or, with --ray False, this machine) has one
+    cpu_threads: int | None = None  # torch threads on CPU (None: all cores)
+    ray: bool = True  # run as a Ray task (a GPU task when the cluster has GPUs); False: in this process
+    output: str = "runs/train"  # writes <output>/<name>.th and <output>/<name>.json
+    name: str | None = None  # file stem (default: <model>_<dataset kind>)
+
+    @property
+    def stem(self) -> str:
+        return self.name or f"{self.model}_{self.dataset.split(':', 1)[0].replace('-', '')}"
+
+
+def load_split(*, dataset: str, split: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (N, H, W, C), labels int64)`` of a split, decoded and sized for the model."""
+    from dtd_ray.datasets import parse_source, prepare_batch
+
+    src = parse_source(dataset)
+    out = prepare_batch(src.read_numpy(split), preprocessing=preprocessing, on_bad_input="skip")
+    ok = out["ok"]
+    if not ok.any():
+        reasons = sorted(set(out["error"][~ok].tolist()))[:3]
+        raise ValueError(f"{dataset}/{split}: none of {len(ok)} images usable for a {preprocessing.size}-px "
+                         f"{preprocessing.channels}-channel model ({'; '.join(reasons)})")
+    if not ok.all():
+        log.warning("%s/%s: %d undecodable or wrong-size inputs skipped", dataset, split, int((~ok).sum()))
+    return out["image"][ok], out["label"][ok].astype(np.int64)
+
+
+def one_cycle_lr(step: int, *, total: int, peak: float, warmup_frac: float = 0.15) -> float:
+    """Linear warm-up to ``peak`` over the first ``warmup_frac`` of steps, then cosine decay to 0."""
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.inference_mode()
+def evaluate(model, *, images: np.ndarray, labels: np.ndarray, mean, std, device, batch_size: int = 1000,
+             autocast_dtype=None) -> float:
+    """Top-1 accuracy (percent) of ``model`` on uint8 NHWC ``images``."""
+    from dtd_ray.extract import normalize_images
+
+    model.eval()
+    correct = 0
+    for lo in range(0, len(images), batch_size):
+        x = normalize_images(torch.from_numpy(images[lo:lo + batch_size]).to(device), mean=mean, std=std)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            pred = model(x).argmax(1).cpu().numpy()
+        correct += int((pred == labels[lo:lo + batch_size]).sum())
+    return 100.0 * correct / max(1, len(images))
+
+
+def train_backbone(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` from scratch; returns ``state_dict``, ``history``, ``acc`` and the device used.
+
+    Cross-entropy, SGD with Nesterov momentum and weight decay, one-cycle learning rate
+    (:func:`one_cycle_lr`) per step; bf16 autocast on a GPU, fp32 on CPU.
+    """
+    from dtd_ray.backbones import get_backbone
+    from dtd_ray.datasets import cifar_augment, parse_source
+    from dtd_ray.extract import normalize_images, resolve_device
+
+    device = resolve_device(cfg.use_gpu)
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    torch.manual_seed(cfg.seed)
+    src = parse_source(cfg.dataset)
+    first = src.read_numpy(cfg.train_split)
+    channels = cfg.in_channels or (int(first["image"].shape[-1]) if "image" in first else 3)
+    model = get_backbone(cfg.model, weights=None, num_classes=len(src.classes), in_channels=channels,
+                         normalization=cfg.normalization)
+    pre = model.preprocessing
+    x_tr, y_tr = load_split(dataset=cfg.dataset, split=cfg.train_split, preprocessing=pre)
+    x_te, y_te = load_split(dataset=cfg.dataset, split=cfg.eval_split, preprocessing=pre)
+    ids = np.arange(len(x_tr), dtype=np.int64)
+    model = model.to(device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    mean = torch.tensor(pre.mean, device=device)
+    std = torch.tensor(pre.std, device=device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases: no weight decay
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    steps_per_epoch = len(x_tr) // cfg.batch_size  # drop the ragged last batch: BN needs > 1 sample
+    total = steps_per_epoch * cfg.epochs
+    rng = np.random.default_rng(cfg.seed)
+    history, step = [], 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        # a new crop/flip per (epoch, sample), reproducible however the data is sharded
+        x_ep = cifar_augment(x_tr, sample_ids=ids, seed=cfg.seed * 100_003 + epoch) if cfg.augment else x_tr
+        order = rng.permutation(len(x_tr))
+        # summed on the device: a .item() per step would stall a GPU on every step
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        for b in range(steps_per_epoch):
+            sel = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = normalize_images(torch.from_numpy(x_ep[sel]).to(device, non_blocking=True), mean=mean, std=std)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(y_tr[sel]).to(device)
+            for g in opt.param_groups:
+                g["lr"] = one_cycle_lr(step, total=total, peak=cfg.lr)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.detach() * len(sel)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(sel)
+        acc = evaluate(model, images=x_te, labels=y_te, mean=mean, std=std, device=device,
+                       autocast_dtype=autocast_dtype)
+        row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, seen), "train_acc": 100.0 * int(correct) / max(1, seen),
+               "eval_acc": acc, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        print(f"[train] {cfg.stem} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} "
+              f"train {row['train_acc']:.2f} % {cfg.eval_split} {acc:.2f} % ({row['seconds']:.1f} s)", flush=True)
+    # fp32 evaluation of the final weights: the number recorded with the checkpoint
+    final = evaluate(model.float(), images=x_te, labels=y_te, mean=mean, std=std, device=device)
+    sd = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
+          for k, v in model.state_dict().items()}
+    return {"state_dict": sd, "history": history, "acc": final, "device": str(device),
+            "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+            "n_train": int(len(x_tr)), "n_eval": int(len(x_te))}
+
+
+def save_result(cfg: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<output>/<stem>.th`` (public format) and ``<output>/<stem>.json``; returns the record."""
+    os.makedirs(cfg.output, exist_ok=True)
+    # The backbone registry strips the DataParallel prefix; keeping it makes the file a drop-in
+    # for tools that expect the public pytorch_resnet_cifar10 layout.
+    ckpt = os.path.join(cfg.output, f"{cfg.stem}.th")
+    torch.save({"best_prec1": result["acc"], "state_dict": {f"module.{k}": v for k, v in result["state_dict"].items()}},
+               ckpt)
+    with open(ckpt, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    record = {
+        "checkpoint": os.path.basename(ckpt),
+        "sha256": sha,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "eval_split": cfg.eval_split,
+        "eval_acc": round(result["acc"], 2),
+        "n_train": result["n_train"],
+        "n_eval": result["n_eval"],
+        "device": result["device_name"],
+        "config": config_lib.to_dict(cfg),
+        "versions": config_lib.versions(),
+        "history": result["history"],
+    }
+    with open(os.path.join(cfg.output, f"{cfg.stem}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (in a Ray task when ``cfg.ray``; GPU task only when the cluster has GPUs) and save."""
+    if cfg.ray:
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
+        if use_gpu and not gpus:
+            raise RuntimeError("use_gpu=True but the Ray cluster has no GPU (the task would wait forever)")
+        task_cfg = TrainConfig(**{**config_lib.to_dict(cfg), "use_gpu": use_gpu, "ray": False})
+        remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(train_backbone)
+        result = ray.get(remote.remote(task_cfg))
+    else:
+        result = train_backbone(cfg)
+    record = save_result(cfg, result)
+    print(f"[train] done: {cfg.stem} {cfg.eval_split} accuracy {record['eval_acc']:.2f} % on {record['device']} "
+          f"-> {os.path.join(cfg.output, record['checkpoint'])}", flush=True)
+    return record
