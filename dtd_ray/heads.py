@@ -148,7 +148,7 @@ class DecomposedHead(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An equivalent dense ``nn.Linear`` (weights scattered back, zeros elsewhere)."""
-        lin = nn.Linear(self.feature_dim, self.num_classes, dtype=self.weight.dtype)
+        lin = nn.Linear(self.feature_dim, self.num_classes, dtype=self.weight.dtype, device=self.weight.device)
         with torch.no_grad():
             lin.weight.zero_()
             lin.weight.scatter_(1, self.idx, self.weight)
