@@ -74,7 +74,7 @@ def main(data: str = "../shared/data", models: str = "cifar_resnet20,cifar_resne
     folder = os.path.join(data, "cifar10")
     if not os.path.isdir(folder):
         sys.exit(f"error: {folder} not found (pass --data to the folder with cifar10/ and cifar_resnets/)")
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = []
     for model in [m for m in str(models).split(",") if m]:

@@ -25,7 +25,8 @@ def run(cfg: TrainConfig) -> None:
         return
     import ray
 
-    ray.init(include_dashboard=False, configure_logging=False)
+    # RAY_ADDRESS (set by `ray job submit`, or "auto" for a `ray start` cluster) or a fresh local Ray.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
     try:
         run_train(cfg)
     finally:

@@ -1,0 +1,49 @@
+"""The dtd-ray sweep: models × datasets × k × strategies × retrain modes, one Parquet row per trial.
+
+    python jobs/sweep.py                                   # the quickstart preset, local Ray
+    python jobs/sweep.py --config cifar10_resnets --models cifar_resnet20 --k 5
+    ray job submit --working-dir . -- python jobs/sweep.py --config cifar10_resnets \
+        --data_root /data --output s3://bucket/dtd/cifar10_resnets
+
+Connects to the Ray cluster named by RAY_ADDRESS (as under `ray job submit`), or starts
+a local one. Extracts each model's records (finished partitions skipped), decomposes
+them for the whole k grid, runs the retrain trials on Ray Tune and writes
+<output>/trials/<trial_id>.parquet (read it with pandas.read_parquet), then prints a
+summary table. A rerun resumes: finished trials are skipped. `--config` takes a preset
+name or a YAML file; every other option overrides the config's value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dtd_ray import sweep  # noqa: E402
+
+
+def run(cfg: sweep.SweepConfig) -> None:
+    plan = sweep.plan_sweep(cfg)  # bad names, keys and paths fail here, before Ray starts
+    if cfg.dry_run:
+        print(sweep.describe(plan))
+        return
+    import ray
+
+    # RAY_ADDRESS (set by `ray job submit`) names the cluster; without it start a local one
+    # rather than attach to whatever Ray instance happens to run on this machine.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the stages print their own progress
+    try:
+        sweep.run_sweep(cfg, plan=plan)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    try:
+        sweep.main(summary=__doc__.strip().splitlines()[0], run=run)
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
+        # A user's mistake (or failed trials) gets one line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,299 @@
+"""The sweep: config format and validation, trial identity, resources, and the driver end to end.
+
+The end-to-end tests run on a tiny 3-class image folder with a randomly initialised
+cifar_resnet20 (as tests/test_extract.py) on the session's local Ray: extraction,
+decomposition, mode ``none`` rows, Tune trials of ``head`` and ``finetune``, the
+summary, and a rerun that resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dtd_ray import sweep
+from dtd_ray.config import config_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- a tiny project
+
+
+def make_tiny_project(root: Path, *, per_class: int = 6) -> Path:
+    """A 3-class 32-px image folder (train/test) and a random-init cifar_resnet20 checkpoint under ``root``."""
+    from dtd_ray.backbones import get_backbone
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog", "frog"):
+            d = root / "data" / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    torch.manual_seed(0)
+    model = get_backbone("cifar_resnet20", weights=None, num_classes=3)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, root / "ckpt.th")
+    return root
+
+
+def write_tiny_config(root: Path, *, retrain: dict, name: str = "tiny.yaml", **extra) -> Path:
+    """A sweep YAML over the tiny project (data_root = ``root``, as a preset would use it)."""
+    cfg = {
+        "data_root": str(root),
+        "datasets": ["imagefolder:${data_root}/data"],
+        "models": [{"name": "cifar_resnet20", "weights": "${data_root}/ckpt.th", "tag": "tiny"}],
+        "k": "1..3",
+        "strategies": ["frequency", "weight_l1"],
+        "kmax": 8,
+        "extract_batch_size": 8,
+        "retrain": retrain,
+        **extra,
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_project(tmp_path_factory.mktemp("sweep_tiny"))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_parse_ks():
+    assert sweep.parse_ks("1..10,20") == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20]
+    assert sweep.parse_ks([5, 1, 5]) == [1, 5]
+    assert sweep.parse_ks(5) == [5]
+    assert sweep.parse_ks("5..20:5") == [5, 10, 15, 20]
+    for bad in ("0", "3..1", "a", None, "1..5:0"):
+        with pytest.raises(ValueError):
+            sweep.parse_ks(bad)
+
+
+def test_presets_ship_and_resolve():
+    assert {"quickstart", "cifar10_resnets", "imagenet_resnets"} <= set(sweep.list_presets())
+    cfg = sweep.load_config("cifar10_resnets")
+    plan = sweep.plan_sweep(cfg, check_inputs=False)
+    assert [u.key for u in plan.units] == ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"]
+    assert plan.grid == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20]
+    u = plan.units[0]
+    assert u.model.weights == "../shared/data/cifar_resnets/resnet20-12fca82f.th"  # ${data_root} replaced
+    assert u.dataset == "imagefolder:../shared/data/cifar10" and u.dataset_short == "cifar10"
+    assert u.weights_abs == os.path.abspath("../shared/data/cifar_resnets/resnet20-12fca82f.th")
+    counts = {m: len(plan.trials_of(m)) for m in plan.modes}
+    assert counts == {"none": 4 * 11 * 4, "head": 4 * 11 * 4, "finetune": 4 * 4}  # finetune only at k = 5
+    assert {t.k for t in plan.trials_of("finetune")} == {5}
+    assert plan.output == os.path.abspath("runs/cifar10_resnets")
+    # frequency has k1 = k, the k1-independent strategies k1 = -1
+    assert {(t.strategy, t.k1) for t in plan.trials_of("finetune")} == {
+        ("frequency", 5), ("weight_l1", -1), ("contribution", -1), ("random", -1)}
+    # a different data_root moves every path
+    moved = sweep.plan_sweep(sweep.load_config("cifar10_resnets", {"data_root": "/data"}), check_inputs=False)
+    assert moved.units[0].dataset == "imagefolder:/data/cifar10"
+    for name in ("quickstart", "imagenet_resnets"):
+        p = sweep.plan_sweep(sweep.load_config(name), check_inputs=False)
+        assert p.trials and p.units
+
+
+def test_overrides_select_models_k_modes_and_merge_retrain():
+    cfg = sweep.load_config("cifar10_resnets", {
+        "models": "cifar_resnet20", "k": 5, "strategies": "frequency,weight_l1", "modes": "none,finetune",
+        "retrain": {"finetune": {"epochs": 2}}, "output": "runs/x"})
+    plan = sweep.plan_sweep(cfg, check_inputs=False)
+    assert [u.key for u in plan.units] == ["cifar_resnet20"] and plan.grid == [5]
+    assert list(plan.modes) == ["none", "finetune"]
+    ft = plan.modes["finetune"]
+    assert ft.epochs == 2 and ft.lr == 1e-4 and ft.augment == "cifar"  # merged into the preset's options
+    assert len(plan.trials) == 2 + 2
+    with pytest.raises(ValueError, match="no such model entry.*cifar_resnet20, cifar_resnet32"):
+        sweep.load_config("cifar10_resnets", {"models": "resnet18"})
+
+
+def test_unknown_keys_are_errors_naming_them(tmp_path):
+    def cfg_with(**kw):
+        base = {"models": [{"name": "cifar_resnet20"}], "retrain": {"none": {}}}
+        base.update(kw)
+        p = tmp_path / "c.yaml"
+        p.write_text(yaml.safe_dump(base))
+        return str(p)
+
+    with pytest.raises(ValueError, match=r"unknown SweepConfig option\(s\) k_grid; valid: .*datasets"):
+        sweep.load_config(cfg_with(k_grid=5))
+    with pytest.raises(ValueError, match=r"models\[0\] \(cifar_resnet20\): unknown option\(s\) weigths; valid: name, weights"):
+        sweep.load_config(cfg_with(models=[{"name": "cifar_resnet20", "weigths": "x"}]))
+    with pytest.raises(ValueError, match="unknown retrain mode 'full'; valid: none, head, finetune"):
+        sweep.load_config(cfg_with(retrain={"full": {}}))
+    with pytest.raises(ValueError, match=r"retrain.head: unknown option\(s\) augment; valid: k, strategies"):
+        sweep.load_config(cfg_with(retrain={"head": {"augment": "cifar"}}))
+    with pytest.raises(ValueError, match=r"unknown placeholder \$\{root\}"):
+        sweep.plan_sweep(sweep.load_config(cfg_with(models=[{"name": "cifar_resnet20", "weights": "${root}/w.th"}])),
+                         check_inputs=False)
+    with pytest.raises(ValueError, match="unknown strategy 'freq'"):
+        sweep.plan_sweep(sweep.load_config(cfg_with(strategies=["freq"])), check_inputs=False)
+    with pytest.raises(ValueError, match="unknown preset 'nope'; presets: .*quickstart"):
+        sweep.load_config("nope")
+    with pytest.raises(ValueError, match="unknown SweepConfig option"):
+        sweep.main(["--config", cfg_with(), "--epochs", "3"], run=lambda cfg: None)
+
+
+def test_yaml_is_data_only(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("models: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(yaml.YAMLError):
+        sweep.load_config(str(p))
+
+
+def test_help_lists_every_option(capsys):
+    sweep.main(["--help"], summary="summary line")
+    out = capsys.readouterr().out
+    for cls in (sweep.SweepConfig,):
+        for f in sweep.dataclasses.fields(cls):
+            assert f"--{f.name} (default" in out
+    for cls in (sweep.ModelSpec, sweep.RetrainSpec):
+        for f in sweep.dataclasses.fields(cls):
+            assert f"  {f.name} " in out
+    assert "Presets: cifar10_resnets, imagenet_resnets, quickstart" in out
+
+
+def test_cli_flags_override_the_config(tmp_path):
+    got = {}
+    path = write_tiny_config(make_tiny_project(tmp_path), retrain={"none": {}, "head": {"epochs": 3}})
+    sweep.main(["--config", str(path), "--k", "2", "--retrain", "{head: {lr: 0.01}}", "--output", "/tmp/x",
+                "--use_gpu", "false", "--overwrite"], run=lambda cfg: got.setdefault("cfg", cfg))
+    cfg = got["cfg"]
+    assert cfg.k == 2 and cfg.output == "/tmp/x" and cfg.name == "tiny"
+    assert cfg.retrain["head"] == {"epochs": 3, "lr": 0.01} and cfg.strategies == ("frequency", "weight_l1")
+    assert cfg.use_gpu is False and cfg.overwrite is True  # "false" on a command line is not a truthy string
+    assert cfg.kmax == 8  # options not on the command line keep the config's value
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({
+        "datasets": ["fashion-mnist"], "retrain": {"none": {}},
+        "models": [{"name": "cifar_resnet20", "weights": "results/backbones/nope.th", "tag": "x"}]}))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint of model x not found: results/backbones/nope.th .*jobs/train.py"):
+        sweep.plan_sweep(sweep.load_config(str(p)))
+
+
+def test_trial_ids_are_stable_and_ignore_resources():
+    base = sweep.load_config("cifar10_resnets", {"models": "cifar_resnet20", "k": 5})
+    ids = [t.trial_id for t in sweep.plan_sweep(base, check_inputs=False).trials]
+    assert len(ids) == len(set(ids))
+    again = sweep.load_config("cifar10_resnets", {"models": "cifar_resnet20", "k": "5", "name": "other",
+                                                  "retrain": {"finetune": {"cpus": 3, "max_concurrent": 2}},
+                                                  "max_failures": 4})
+    assert [t.trial_id for t in sweep.plan_sweep(again, check_inputs=False).trials] == ids
+    lr = sweep.load_config("cifar10_resnets", {"models": "cifar_resnet20", "k": 5,
+                                               "retrain": {"finetune": {"lr": 1e-3}}})
+    changed = {t.trial_id for t in sweep.plan_sweep(lr, check_inputs=False).trials} - set(ids)
+    assert len(changed) == 4  # exactly the finetune trials
+    t = sweep.plan_sweep(base, check_inputs=False).trials[0]
+    assert t.trial_id == config_hash(t.identity)
+
+
+def test_trial_resources_are_decided_on_the_driver():
+    small = sweep.Cluster(cpus=2, gpus=0, nodes=1, cpus_per_node=2)
+    head, ft = sweep.RetrainSpec(), sweep.RetrainSpec()
+    res, conc, gpu, threads = sweep.trial_resources("head", head, small, use_gpu=False)
+    assert res == {"cpu": 0.5, "gpu": 0.0} and conc == 2 and not gpu  # fractional CPUs on 2 cores
+    res, conc, gpu, threads = sweep.trial_resources("finetune", ft, small, use_gpu=False)
+    assert res["gpu"] == 0 and conc == 1 and threads == 2
+    big = sweep.Cluster(cpus=40, gpus=4, nodes=5, cpus_per_node=8)
+    res, conc, gpu, _ = sweep.trial_resources("finetune", ft, big, use_gpu=True)
+    assert res == {"cpu": 1.0, "gpu": 1.0} and gpu
+    assert sweep.trial_resources("head", head, big, use_gpu=True)[0]["gpu"] == 0  # head-only never takes a GPU
+    with pytest.raises(RuntimeError, match="wait forever"):
+        sweep.trial_resources("finetune", sweep.RetrainSpec(gpus=1), small, use_gpu=False)
+
+
+def test_trials_rows_round_trip_atomically(tmp_path):
+    row = {"trial_id": "abc", "model": "m", "strategy": "frequency", "k1": 5, "k2": 5, "retrain_mode": "head",
+           "acc_by_epoch": [80.0, 81.5], "acc_retrained": 81.5}
+    path = sweep.write_trial_row(str(tmp_path), row)
+    assert path.endswith("trials/abc.parquet") and not list((tmp_path / "trials").glob("_tmp*"))
+    (tmp_path / "trials" / "_tmp-zzz-1.parquet").write_bytes(b"partial")  # a crashed writer's leftover
+    assert sweep.finished_trial_ids(str(tmp_path)) == {"abc"}
+    df = pd.read_parquet(tmp_path / "trials")  # pandas ignores _-prefixed files
+    assert len(df) == 1 and df["acc_by_epoch"].iloc[0].tolist() == [80.0, 81.5]
+    assert pq.read_schema(path).equals(sweep.TRIALS_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- end to end on local Ray
+
+RETRAIN = {
+    "none": {},
+    "head": {"k": [2], "epochs": 2, "batch_size": 8},
+    "finetune": {"k": [2], "strategies": ["frequency"], "epochs": 1, "batch_size": 8, "max_train_rows": 12},
+}
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tiny, tmp_path_factory):
+    """One sweep of the tiny project with all three retrain modes (needs dtd_ray.retrain)."""
+    pytest.importorskip("dtd_ray.retrain", reason="dtd_ray.retrain (the trainables) is not in this checkout")
+    out = tmp_path_factory.mktemp("sweep_out")
+    cfg = sweep.load_config(str(write_tiny_config(tiny, retrain=RETRAIN)), {"output": str(out)})
+    res = sweep.run_sweep(cfg)
+    return cfg, out, res
+
+
+def test_sweep_end_to_end(swept):
+    _, out, res = swept
+    df = pd.read_parquet(out / "trials")
+    # none: k 1..3 × 2 strategies; head: k 2 × 2 strategies; finetune: k 2, frequency
+    assert len(df) == 6 + 2 + 1 and df["trial_id"].is_unique
+    assert df.groupby("retrain_mode").size().to_dict() == {"none": 6, "head": 2, "finetune": 1}
+    assert set(df.columns) == set(sweep.TRIALS_SCHEMA.names)
+    assert res["ran"] == {"none": 6, "head": 2, "finetune": 1} and res["skipped"] == 0
+    ev = pd.read_parquet(out / "decompose" / "eval")
+    for _, r in df.iterrows():
+        e = ev[(ev.strategy == r.strategy) & (ev.k1 == r.k1) & (ev.k2 == r.k2)].iloc[0]
+        assert r.acc_decomposed == pytest.approx(100 * e.acc_decomposed)
+        assert r.acc_full == pytest.approx(100 * e.acc_full)
+        assert r.k1 == (r.k2 if r.strategy == "frequency" else -1)
+        assert r.head_macs_decomposed == 3 * r.k2 and r.head_macs_full == 3 * 64
+    trained = df[df.retrain_mode != "none"]
+    assert trained["acc_retrained"].between(0, 100).all() and trained["acc_retrained"].notna().all()
+    assert (trained["acc_by_epoch"].map(len) == trained["epochs"]).all()
+    assert trained["seconds"].gt(0).all() and trained["checkpoint"].notna().all()
+    assert df[df.retrain_mode == "none"]["acc_retrained"].isna().all()
+    # the decomposed head before training is what the trainables measure too
+    np.testing.assert_allclose(trained["acc_decomposed_init"], trained["acc_decomposed"], atol=1e-6)
+    saved = json.loads((out / "sweep_config.json").read_text())
+    assert saved["config"]["k"] == "1..3" and saved["resolved"]["trials"] == {"none": 6, "head": 2, "finetune": 1}
+    summary = res["summary"]
+    assert list(summary.columns) == ["model", "strategy", "k", "acc_full", "acc_decomposed",
+                                     "acc_retrained[head]", "acc_retrained[finetune]"]
+    assert len(summary) == 6
+
+
+def test_rerun_resumes_and_never_duplicates(swept, capsys):
+    cfg, out, _ = swept
+    before = pd.read_parquet(out / "trials")
+    res = sweep.run_sweep(cfg)  # everything finished: nothing runs, not even extraction
+    text = capsys.readouterr().out
+    assert res["ran"] == {"none": 0, "head": 0, "finetune": 0} and res["skipped"] == 9
+    assert "[extract]" not in text and "9 of 9 trial(s) finished earlier" in text
+    # an interrupted driver: one head trial's row is missing -> only that trial runs again
+    lost = before[before.retrain_mode == "head"].trial_id.iloc[0]
+    os.remove(out / "trials" / f"{lost}.parquet")
+    res = sweep.run_sweep(cfg)
+    text = capsys.readouterr().out
+    assert res["ran"] == {"none": 0, "head": 1, "finetune": 0} and res["skipped"] == 8
+    assert "finished earlier with the same config and records, skipped" in text  # decompose resumed
+    assert "finished earlier (18 rows), skipped" in text  # extraction resumed
+    after = pd.read_parquet(out / "trials")
+    assert len(after) == 9 and after.trial_id.is_unique and lost in set(after.trial_id)
