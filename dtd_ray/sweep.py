@@ -189,6 +189,7 @@ class SweepConfig:
     max_failures: int = 1  # retries of a failed trial (from its last checkpoint)
     overwrite: bool = False  # recompute extraction, decomposition and trials even when finished
     dry_run: bool = False  # print the plan (units and trials) and exit without running anything
+    report: bool = True  # write report.md and plots/ into a local output after the trials (jobs/report.py)
 
     def __post_init__(self) -> None:
         # Light, idempotent normalisation only: the values may still be raw (a model name
@@ -200,7 +201,7 @@ class SweepConfig:
             if isinstance(v, list):
                 v = tuple(v)
             setattr(self, name, v)
-        for name in ("use_gpu", "correct_only", "overwrite", "dry_run"):
+        for name in ("use_gpu", "correct_only", "overwrite", "dry_run", "report"):
             setattr(self, name, _as_bool(getattr(self, name), name, allow_none=name == "use_gpu"))
         if isinstance(self.models, (tuple, str, dict)):
             self.models = [self.models] if isinstance(self.models, (str, dict)) else list(self.models)
@@ -1153,7 +1154,8 @@ def save_resolved_config(plan: Plan) -> str:
             "output": plan.output,
             "k": plan.grid,
             "units": [{"key": u.key, "backbone": u.model.name, "weights": u.model.weights,
-                       "normalization": u.model.normalization, "dataset": u.dataset} for u in plan.units],
+                       "normalization": u.model.normalization, "dataset": u.dataset,
+                       "weights_abs": u.weights_abs, "dataset_abs": u.dataset_abs} for u in plan.units],
             "modes": {m: config_lib.to_dict(s) for m, s in plan.modes.items()},
             "trials": {m: len(plan.trials_of(m)) for m in plan.modes},
         },
@@ -1180,7 +1182,7 @@ def run_sweep(cfg: SweepConfig, *, plan: Plan | None = None) -> dict[str, Any]:
     """The whole sweep on the running Ray cluster (the entry point calls ``ray.init``).
 
     Returns ``{"trials": DataFrame of this sweep's rows, "summary": DataFrame, "output": str,
-    "ran": {mode: trials run}, "skipped": int}``; raises ``RuntimeError`` if trials failed
+    "ran": {mode: trials run}, "skipped": int, "report": report.md path or None}``; raises ``RuntimeError`` if trials failed
     (after every other trial finished and was written).
     """
     t0 = time.perf_counter()
@@ -1238,10 +1240,17 @@ def run_sweep(cfg: SweepConfig, *, plan: Plan | None = None) -> dict[str, Any]:
         print(summary.to_string(index=False), flush=True)
     print(f"[sweep] done: ran {sum(ran.values())} trial(s) ({', '.join(f'{m} {n}' for m, n in ran.items())}), "
           f"skipped {skipped}, failed {len(failed)}, {seconds:.1f} s -> {trials_root(plan.output)}", flush=True)
+    report = None
+    if cfg.report and "://" not in plan.output and len(df):
+        from dtd_ray.report import ReportConfig, make_report
+
+        grid = sorted(set(int(k) for k in df["k2"]))
+        # The report's fixed k: 5 (the paper's headline k and decompose's analysis k) when swept.
+        report = make_report(ReportConfig(sweep=plan.output, k=5 if 5 in grid else grid[len(grid) // 2]))["report"]
     if failed:
         raise RuntimeError(f"{len(failed)} trial(s) failed ({', '.join(failed[:5])}{', …' if len(failed) > 5 else ''}); "
                            f"rerun the same command to retry them (finished trials are kept)")
-    return {"trials": df, "summary": summary, "output": plan.output, "ran": ran, "skipped": skipped}
+    return {"trials": df, "summary": summary, "output": plan.output, "ran": ran, "skipped": skipped, "report": report}
 
 
 # ----------------------------------------------------------------------------- command line

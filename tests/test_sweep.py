@@ -93,11 +93,12 @@ def test_presets_ship_and_resolve():
     assert u.dataset == "imagefolder:../shared/data/cifar10" and u.dataset_short == "cifar10"
     assert u.weights_abs == os.path.abspath("../shared/data/cifar_resnets/resnet20-12fca82f.th")
     counts = {m: len(plan.trials_of(m)) for m in plan.modes}
-    assert counts == {"none": 4 * 11 * 4, "head": 4 * 11 * 4, "finetune": 4 * 4}  # finetune only at k = 5
+    # head at 6 of the 11 k values; finetune only the frequency map at k = 5
+    assert counts == {"none": 4 * 11 * 4, "head": 4 * 6 * 4, "finetune": 4}
     assert {t.k for t in plan.trials_of("finetune")} == {5}
     assert plan.output == os.path.abspath("runs/cifar10_resnets")
     # frequency has k1 = k, the k1-independent strategies k1 = -1
-    assert {(t.strategy, t.k1) for t in plan.trials_of("finetune")} == {
+    assert {(t.strategy, t.k1) for t in plan.trials_of("head") if t.k == 5} == {
         ("frequency", 5), ("weight_l1", -1), ("contribution", -1), ("random", -1)}
     # a different data_root moves every path
     moved = sweep.plan_sweep(sweep.load_config("cifar10_resnets", {"data_root": "/data"}), check_inputs=False)
@@ -116,7 +117,8 @@ def test_overrides_select_models_k_modes_and_merge_retrain():
     assert list(plan.modes) == ["none", "finetune"]
     ft = plan.modes["finetune"]
     assert ft.epochs == 2 and ft.lr == 1e-4 and ft.augment == "cifar"  # merged into the preset's options
-    assert len(plan.trials) == 2 + 2
+    assert ft.strategies == ("frequency",)  # the preset fine-tunes the frequency map only
+    assert len(plan.trials) == 2 + 1
     with pytest.raises(ValueError, match="no such model entry.*cifar_resnet20, cifar_resnet32"):
         sweep.load_config("cifar10_resnets", {"models": "resnet18"})
 
@@ -179,6 +181,18 @@ def test_cli_flags_override_the_config(tmp_path):
     assert cfg.kmax == 8  # options not on the command line keep the config's value
 
 
+def test_quickstart_without_fashion_mnist_is_one_line_saying_how_to_install_it():
+    """The quickstart's data missing: one line (no traceback) naming the package and the option."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), "--datasets", "fashion-mnist:/nonexistent/fm",
+                        "--dry_run", "True"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "apt-get install -y dataset-fashion-mnist" in r.stderr and "fashion-mnist:PATH" in r.stderr
+
+
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({
@@ -199,7 +213,7 @@ def test_trial_ids_are_stable_and_ignore_resources():
     lr = sweep.load_config("cifar10_resnets", {"models": "cifar_resnet20", "k": 5,
                                                "retrain": {"finetune": {"lr": 1e-3}}})
     changed = {t.trial_id for t in sweep.plan_sweep(lr, check_inputs=False).trials} - set(ids)
-    assert len(changed) == 4  # exactly the finetune trials
+    assert len(changed) == 1  # exactly the finetune trial (frequency, k = 5)
     t = sweep.plan_sweep(base, check_inputs=False).trials[0]
     assert t.trial_id == config_hash(t.identity)
 
@@ -278,6 +292,32 @@ def test_sweep_end_to_end(swept):
     assert list(summary.columns) == ["model", "strategy", "k", "acc_full", "acc_decomposed",
                                      "acc_retrained[head]", "acc_retrained[finetune]"]
     assert len(summary) == 6
+    # The sweep ends with its report: report.md and the plots, next to trials/.
+    assert res["report"] == str(out / "report.md")
+    md = (out / "report.md").read_text()
+    assert "## Headline at k = 2" in md  # 5 is not in the grid 1..3: the middle k
+    freq2 = df[(df.retrain_mode == "none") & (df.strategy == "frequency") & (df.k2 == 2)].acc_decomposed.iloc[0]
+    assert f"| {freq2:.2f} |" in md
+    for name in ("accuracy_vs_k", "retraining", "head_cost"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_to_another_folder_stands_alone(swept, tmp_path):
+    """jobs/report.py --output DIR: the plots, the activation maps and the tables they came from."""
+    from dtd_ray.report import ReportConfig, make_report
+
+    _, out, _ = swept
+    res = make_report(ReportConfig(sweep=str(out), output=str(tmp_path / "rep"), k=2, cam_correct_only=False))
+    rep = tmp_path / "rep"
+    # random weights classify little correctly: all images are shown (2 per class, 3 classes)
+    assert res["cams"] == [{"model": "tiny", "shown": 6, "classes": 3, "mass_ratio_median": pytest.approx(
+        res["cams"][0]["mass_ratio_median"])}]
+    assert (rep / "plots" / "cam_tiny.png").stat().st_size > 1000
+    assert len(pd.read_parquet(rep / "trials")) == 9 and (rep / "sweep_config.json").exists()
+    assert (rep / "decompose" / "eval").is_dir() and (rep / "decompose" / "maps").is_dir()
+    assert (rep / "report_config.json").exists()
+    again = make_report(ReportConfig(sweep=str(rep), k=2, cam_images=0))  # from the copy alone
+    assert again["headline"].equals(res["headline"])
 
 
 def test_rerun_resumes_and_never_duplicates(swept, capsys):
