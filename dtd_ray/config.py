@@ -6,7 +6,10 @@ import dataclasses
 import hashlib
 import json
 import platform
+import re
 from typing import Any
+
+import numpy as np
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -58,6 +61,50 @@ def field_comments(cls: type) -> dict[str, str]:
         if m:
             comments[m.group(1)] = m.group(2)
     return comments
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def coerce_option_types(cfg: Any) -> None:
+    """Turn command-line strings into the types a config dataclass's fields declare, or refuse in one line.
+
+    fire passes ``--overwrite false`` as the string ``"false"`` (truthy: the finished partition
+    would be deleted) and ``--kmax abc`` as ``"abc"`` (a TypeError deep inside). Fields annotated
+    ``bool``, ``int`` or ``float`` (optionally ``| None``) are converted; others are left alone.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = {t.strip() for t in str(f.type).split("|")}
+        base = kinds - {"None"}
+        if len(base) != 1 or not (base <= {"bool", "int", "float"}):
+            continue
+        (kind,) = base
+        if value is None and "None" in kinds:
+            continue
+        if kind == "bool":
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                value = value.strip().lower() in _TRUE
+            elif isinstance(value, int) and value in (0, 1):
+                value = bool(value)
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+                value, ok = int(value), True
+            elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+                value, ok = int(value), True
+            else:
+                ok = isinstance(value, (float, np.floating)) and float(value).is_integer()
+                value = int(value) if ok else value
+        else:
+            try:
+                value, ok = float(value), not isinstance(value, bool)
+            except (TypeError, ValueError):
+                ok = False
+        if not ok:
+            raise ValueError(f"option {f.name}={getattr(cfg, f.name)!r}: expected {kind}"
+                             + (" (true/false)" if kind == "bool" else ""))
+        setattr(cfg, f.name, value)
 
 
 def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None) -> Any:

@@ -361,6 +361,13 @@ class _CifarUnpickler(pickle.Unpickler):
         )
 
 
+class BadPickleError(pickle.UnpicklingError, ValueError):
+    """A CIFAR batch file that is refused (it carries code) or unreadable (empty, truncated).
+
+    A ``ValueError`` too, so that the entry points report it in one line like other bad input.
+    """
+
+
 def _load_cifar_pickle(fs: pafs.FileSystem, path: str, uri: str) -> dict:
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"CIFAR batch file not found: {uri}")
@@ -369,7 +376,10 @@ def _load_cifar_pickle(fs: pafs.FileSystem, path: str, uri: str) -> dict:
     try:
         obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(f"{uri}: {e}") from None
+        raise BadPickleError(f"{uri}: {e}") from None
+    except Exception as e:  # zero-byte or truncated file: EOFError, ValueError, struct.error, …
+        why = "empty file" if not data else f"truncated or not a pickle ({type(e).__name__}: {e})"
+        raise BadPickleError(f"{uri}: {why}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{uri}: expected a dict, got {type(obj).__name__}")
     return obj

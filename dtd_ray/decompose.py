@@ -54,6 +54,7 @@ class DecomposeConfig:
     output: str = "runs/cifar10/decompose"  # output root (see the module docstring)
 
     def __post_init__(self) -> None:
+        config_lib.coerce_option_types(self)  # --correct_only false, --psi_q abc: bools/numbers, or one line
         if isinstance(self.strategies, str):
             self.strategies = tuple(s for s in self.strategies.split(",") if s)
         self.strategies = tuple(self.strategies)
@@ -326,6 +327,16 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
     C, m = check_shapes(w=w, b=b, manifests={cfg.split: eval_man, cfg.select_key: sel_man})
     kmax = int(sel_man["kmax"])
     grid = reduce.parse_k1_grid(cfg.k1, kmax=kmax)
+    for option in ("export_json", "print_k"):  # checked now: a late error would follow overwritten files
+        spec = getattr(cfg, option)
+        if spec is None:
+            continue
+        try:
+            ks = reduce.parse_k1_grid(spec, kmax=np.iinfo(np.int32).max)
+        except ValueError as e:
+            raise ValueError(f"{option}={spec!r}: {e}") from None
+        if ks[-1] > grid[-1]:
+            raise ValueError(f"{option}={spec!r}: k={ks[-1]} is beyond the k1 grid (largest k1 {grid[-1]})")
     if cfg.k2_max is not None and not 1 <= cfg.k2_max <= m:
         raise ValueError(f"k2_max={cfg.k2_max} is outside [1, {m}] (the feature dimension)")
     if cfg.analysis_k is not None:

@@ -9,14 +9,20 @@ Pipeline per (model, split) partition, built in :func:`build_pipeline`::
 The driver commits a partition only after every row is accounted for (written or
 skipped): it moves the files its summaries name out of the staging folder and writes
 the manifest last. Files from failed or retried tasks are never named by a summary,
-so they are dropped with the staging folder and no row is written twice.
+so they are dropped with the staging folder and no row is written twice. A pipeline that
+fails (bad input with ``on_bad_input="fail"``, a write that fails) raises one line naming the
+partition and the cause (``ValueError`` / :class:`ExtractionError`), removes the staging
+folder and releases the model actors at once, so the next extraction in the driver can run.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import re
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +63,7 @@ class ExtractConfig:
     overwrite: bool = False  # recompute partitions even when finished with the same config
 
     def __post_init__(self) -> None:
+        config_lib.coerce_option_types(self)
         if isinstance(self.splits, str):
             self.splits = tuple(s for s in self.splits.split(",") if s)
         self.splits = tuple(self.splits)
@@ -329,6 +336,53 @@ def _commit(
     return manifest
 
 
+class ExtractionError(RuntimeError):
+    """A partition's pipeline failed (one line: the partition, "nothing committed", the cause)."""
+
+
+# "OSError: [Errno 28] …" / "ValueError: bad input …": an exception line at column 0 of a worker traceback.
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_cause(e: BaseException) -> tuple[str, str]:
+    """``(type name, one-line message)`` of the error that made a Ray Data execution fail.
+
+    Ray re-raises a UDF's exception on the driver as ``RayTaskError(UserCodeException)``
+    whose text is the worker's whole traceback (the original exception object does not
+    survive pickling); the first exception line in that text is the UDF's own error.
+    """
+    text = _ANSI.sub("", str(e))
+    for line in text.splitlines():
+        m = _EXC_LINE.match(line)
+        if m and not m.group(1).startswith("ray."):
+            return m.group(1).rsplit(".", 1)[-1], m.group(2).strip()
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return type(e).__name__, first or repr(e)
+
+
+def _drop_traceback(e: BaseException) -> None:
+    """Clear the frames that ``e`` (and its causes) pin.
+
+    A failed Ray Data execution shuts down without ``ray.kill``: its actors die only when
+    their handles are garbage, and the exception's traceback reaches them through the
+    executor's frames. Anything that keeps the exception (a log handler holding the
+    LogRecord that Ray Data logs it with, a caller that keeps the error) would otherwise
+    keep the model actors and their CPUs/GPUs, and the next extraction in this driver
+    waits for those resources forever.
+    """
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        traceback.clear_frames(x.__traceback__)
+        x.__traceback__ = None
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+
+
 def _format_rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:,.0f}" if seconds > 0 else "n/a"
 
@@ -364,12 +418,31 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
     ds = build_pipeline(cfg, split=split, staging_uri=staging_uri, res=res, source=source)
     summaries: list[dict[str, Any]] = []
     done = 0
-    for row in ds.iter_rows():
-        summaries.append(row)
-        done += int(row["rows"]) + len(json.loads(row["skipped"]))
-        dt = time.perf_counter() - t0
-        print(f"[extract] {cfg.model_key}/{key}: {done}/{expected} ({100 * done / max(expected, 1):.0f}%), "
-              f"{_format_rate(done, dt)} images/s", flush=True)
+    failure: tuple[str, str] | None = None
+    try:
+        for row in ds.iter_rows():
+            summaries.append(row)
+            done += int(row["rows"]) + len(json.loads(row["skipped"]))
+            dt = time.perf_counter() - t0
+            print(f"[extract] {cfg.model_key}/{key}: {done}/{expected} ({100 * done / max(expected, 1):.0f}%), "
+                  f"{_format_rate(done, dt)} images/s", flush=True)
+    except Exception as e:  # a UDF raised (bad input with on_bad_input="fail", a failed write, …)
+        failure = failure_cause(e)
+        log.debug("%s/%s: Ray Data execution failed:\n%s", cfg.model_key, key, str(e))  # text: pins nothing
+        _drop_traceback(e)
+    if failure is not None:
+        # Raised outside the except block, so the new error carries no reference to Ray's: the failed
+        # run's actors (and their CPUs/GPUs) are released here, not whenever the caller drops the error.
+        del ds
+        gc.collect()
+        try:  # best effort: frees the space of the rows already staged (a rerun starts clean anyway)
+            storage.remove_tree(fs, staging_path)
+        except OSError:
+            pass
+        kind, cause = failure
+        msg = (f"{cfg.model_key}/{key}: extraction failed after {done} of {expected} inputs, nothing committed "
+               f"(a rerun redoes this partition): {kind}: {cause}")
+        raise (ValueError if kind == "ValueError" else ExtractionError)(msg)
     seconds = time.perf_counter() - t0
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
@@ -466,6 +539,7 @@ def config_from_kwargs(**kwargs: Any) -> ExtractConfig:
 
 __all__ = [
     "ExtractConfig",
+    "ExtractionError",
     "FeatureExtractor",
     "Resources",
     "build_pipeline",

@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from dtd_ray import config as config_lib
 from dtd_ray import selection
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ReportConfig:
     cam_correct_only: bool = True  # show only test images the model classifies correctly
 
     def __post_init__(self) -> None:
+        config_lib.coerce_option_types(self)  # --cam_correct_only false, --k abc: typed, or one line
         if isinstance(self.cam_models, str):
             self.cam_models = tuple(s for s in self.cam_models.split(",") if s)
         if self.cam_models is not None:
