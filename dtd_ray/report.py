@@ -308,7 +308,7 @@ def _figure(w: float, h: float):
 
 
 def _grid(n: int) -> tuple[int, int]:
-    cols = min(n, 4)
+    cols = 2 if n == 4 else min(n, 3)  # 4 models: 2 × 2 rather than one wide row
     return (n + cols - 1) // cols, cols
 
 
