@@ -430,11 +430,14 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
         failure = failure_cause(e)
         log.debug("%s/%s: Ray Data execution failed:\n%s", cfg.model_key, key, str(e))  # text: pins nothing
         _drop_traceback(e)
+    # Ray Data ends an execution by dropping its actor handles, not by killing the actors: they
+    # die when the handles are garbage. Collect now, so that the model actors (and their CPUs or
+    # GPUs) are free before the next partition or model asks for them, on success and on failure
+    # (a failed run's actors are reachable from the error's frames until _drop_traceback clears them).
+    del ds
+    gc.collect()
     if failure is not None:
-        # Raised outside the except block, so the new error carries no reference to Ray's: the failed
-        # run's actors (and their CPUs/GPUs) are released here, not whenever the caller drops the error.
-        del ds
-        gc.collect()
+        # Raised outside the except block, so the new error carries no reference to Ray's.
         try:  # best effort: frees the space of the rows already staged (a rerun starts clean anyway)
             storage.remove_tree(fs, staging_path)
         except OSError:

@@ -42,7 +42,7 @@ from PIL import Image
 from dtd_ray import records, schema
 
 ROOT = Path(__file__).resolve().parents[1]
-N_IMAGES = 2048  # 4 source blocks of 512 rows for 3 actors: a fault lands while tasks are in flight
+N_IMAGES = 3072  # 6 source blocks of 512 rows for 3 actors: a fault lands while tasks are in flight
 N_CLASSES = 10
 TAG = "mn"
 FE_TASK = "FeatureExtractor"  # in the fused actor stage's name: MapWorker(MapBatches(prepare_batch)->MapBatches(FeatureExtractor))
@@ -119,10 +119,6 @@ def partition_dir(out: Path, split: str = "test", tag: str = TAG) -> Path:
     return Path(records.partition_uri(str(out / "records"), model=tag, split=split))
 
 
-def staged_files(part: Path) -> int:
-    return sum(1 for _ in part.glob(f"{schema.STAGING_PREFIX}-*/*.parquet"))
-
-
 # ----------------------------------------------------------------------------- the cluster
 
 
@@ -181,14 +177,6 @@ def _wait_for_state_api(address: str, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
-def fe_actors(cl, state: str | None = "ALIVE"):
-    from ray.util.state import list_actors
-
-    filters = [("state", "=", state)] if state else None
-    return [a for a in list_actors(address=cl.state_api, filters=filters, detail=True, limit=10_000)
-            if FE_TASK in a.class_name]
-
-
 def fe_tasks(cl, *, since_ms: int = 0, state: str | None = None):
     """FeatureExtractor actor tasks (one per block of rows; all attempts) created after ``since_ms``."""
     from ray.util.state import list_tasks
@@ -242,39 +230,71 @@ def check_same_as_clean(out: Path, clean) -> dict:
     return man
 
 
+def fe_processes(cl) -> list[SimpleNamespace]:
+    """The FeatureExtractor actor processes of the worker nodes, from /proc (all nodes are on this machine).
+
+    Ray titles an actor's process ``ray::<actor class>`` and, while it runs a task,
+    ``ray::<actor class>.submit``; its parent is its node's raylet. Read directly here, not
+    through the state API or the GCS actor table: those were seen to list no live
+    FeatureExtractor actor during a whole 18-second run, so a fault keyed on them could miss."""
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in cl.workers}
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace").strip()
+            with open(f"/proc/{d}/status") as f:
+                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+        except (OSError, StopIteration, ValueError):
+            continue  # the process ended meanwhile
+        if title.startswith("ray::") and FE_TASK in title and ppid in raylets:
+            out.append(SimpleNamespace(pid=int(d), node=raylets[ppid], node_id=raylets[ppid].node_id,
+                                       busy=title.endswith(".submit")))
+    return out
+
+
+def wait_for_no_fe_processes(cl, timeout: float = 20) -> None:
+    """The previous run's model actors are gone from the worker nodes (extract_split releases them),
+    so that this run's actors get the nodes' CPUs."""
+    deadline = time.monotonic() + timeout
+    while fe_processes(cl):
+        assert time.monotonic() < deadline, f"model actors of an earlier run still alive: {fe_processes(cl)}"
+        time.sleep(0.2)
+
+
 class Fault(threading.Thread):
-    """Injects a fault mid-run: as soon as a FeatureExtractor task RUNS on a worker node (no manifest
-    yet), calls ``action(actor)`` with the worker-node actor (its state-API record: pid, node_id) that
-    has the most unfinished tasks (Ray Data queues several blocks per actor, so that actor still
-    has work to lose although state-API events lag by about a second)."""
+    """Injects a fault mid-run: as soon as a FeatureExtractor actor of a worker node is running a
+    task (its process title ends in ``.submit``; no manifest yet), calls ``action(process)`` with
+    that actor process (pid, node, node_id).
+
+    Not keyed on staged files: the write tasks can be held back until the model actors are done,
+    so the first staged file may appear only when the extraction work is over."""
 
     def __init__(self, cl, part: Path, action, *, timeout: float = 150):
         super().__init__(daemon=True)
         self.cl, self.part, self.action, self.timeout = cl, part, action, timeout
         self.since_ms = int(time.time() * 1000)
         self.finished_before_fault = None
-        self.unfinished_at_fault = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             deadline = time.monotonic() + self.timeout
+            seen = {"polls": 0, "actor_processes": 0}
             while True:
                 if time.monotonic() > deadline or (self.part / schema.MANIFEST_NAME).exists():
-                    raise AssertionError("no fault injected: the run ended (or timed out) first")
-                on_workers = {a.actor_id: a for a in fe_actors(self.cl) if a.node_id != self.cl.head_id}
-                tasks = [t for t in fe_tasks(self.cl, since_ms=self.since_ms) if t.actor_id in on_workers]
-                if any(t.state == "RUNNING" for t in tasks):
+                    raise AssertionError(f"no fault injected: the run ended (or timed out) first; seen {seen}")
+                seen["polls"] += 1
+                procs = fe_processes(self.cl)
+                seen["actor_processes"] = max(seen["actor_processes"], len(procs))
+                busy = [p for p in procs if p.busy]
+                if busy:
                     break
-                time.sleep(0.1)
-            unfinished: dict[str, list] = {}
-            for t in tasks:
-                if t.state not in ("FINISHED", "FAILED"):
-                    unfinished.setdefault(t.actor_id, []).append(t)
-            busiest = max(unfinished, key=lambda actor_id: len(unfinished[actor_id]))
-            self.unfinished_at_fault = len(unfinished[busiest])
+                time.sleep(0.005)
             self.finished_before_fault = (self.part / schema.MANIFEST_NAME).exists()
-            self.action(on_workers[busiest])  # the actor (its pid, node_id)
+            self.action(busy[0])
         except BaseException as e:  # re-raised in the test
             self.error = e
 
@@ -304,22 +324,23 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, clean, mn_da
     out = tmp_path / "out"
     victim: dict = {}
 
-    def kill_actor(actor):
-        victim.update(actor_id=actor.actor_id, pid=actor.pid, node_id=actor.node_id)
-        os.kill(actor.pid, signal.SIGKILL)  # the actor's worker process dies with its task(s) in flight
+    def kill_actor(proc):
+        victim.update(pid=proc.pid, node_id=proc.node_id)
+        os.kill(proc.pid, signal.SIGKILL)  # the actor's worker process dies with its task in flight
 
+    wait_for_no_fe_processes(cluster)
     fault = Fault(cluster, partition_dir(out), kill_actor)
     fault.start()
     summary = run(mn_config(mn_data, out))
     fault.join(10)
     assert fault.error is None, fault.error
-    assert fault.finished_before_fault is False and fault.unfinished_at_fault >= 1  # killed mid-run
+    assert fault.finished_before_fault is False  # killed mid-run
     assert summary["rows"] == N_IMAGES and summary["skipped"] == 0
     check_same_as_clean(out, clean)
     # Ray restarted the actor and retried its lost task(s) (Ray Data's actor pools use
     # max_restarts=-1, max_task_retries=-1); the retries' rows were counted once.
-    actor = [a for a in fe_actors(cluster, state=None) if a.actor_id == victim["actor_id"]]
-    assert actor and actor[0].num_restarts >= 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim["pid"], 0)  # the victim is dead: its rows came from the restarted actor or the others
     deadline = time.monotonic() + 15  # task events reach the state API about a second late
     while not [t for t in fe_tasks(cluster, since_ms=fault.since_ms) if t.attempt_number >= 1 and t.state == "FINISHED"]:
         assert time.monotonic() < deadline, "no FeatureExtractor task was retried"
@@ -332,19 +353,20 @@ def test_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, clean
     out = tmp_path / "out"
     removed: dict = {}
 
-    def remove_node(actor):
-        node = next(w for w in cluster.workers if w.node_id == actor.node_id)
+    def remove_node(proc):
+        node = proc.node  # the node of an actor that is running a task
         removed.update(node_id=node.node_id)
         cluster.cluster.remove_node(node)  # raylet, object store and every worker process of the node
         cluster.workers.remove(node)
 
+    wait_for_no_fe_processes(cluster)
     fault = Fault(cluster, partition_dir(out), remove_node)
     fault.start()
     try:
         summary = run(mn_config(mn_data, out))
         fault.join(30)
         assert fault.error is None, fault.error
-        assert fault.finished_before_fault is False and fault.unfinished_at_fault >= 1  # removed mid-run
+        assert fault.finished_before_fault is False  # removed mid-run
         assert removed["node_id"] not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert summary["rows"] == N_IMAGES and summary["skipped"] == 0
         check_same_as_clean(out, clean)
@@ -386,7 +408,7 @@ def test_driver_killed_between_partitions_rerun_redoes_only_the_unfinished(tmp_p
     (The sweep's trials: test_driver_killed_mid_sweep_rerun_recomputes_only_unfinished_trials.)"""
     data = tmp_path / "data"
     write_imagefolder(data, 40, split="test", classes=4, seed=1)
-    write_imagefolder(data, 240, split="train", classes=4, seed=2)
+    write_imagefolder(data, 1200, split="train", classes=4, seed=2)  # 75 batches: time to kill it mid-way
     write_checkpoint(tmp_path / "ckpt.th", num_classes=4)
     out = tmp_path / "out"
     cmd = [sys.executable, "jobs/extract.py", "--model", "cifar_resnet20", "--weights", str(tmp_path / "ckpt.th"),
@@ -403,13 +425,25 @@ def test_driver_killed_between_partitions_rerun_redoes_only_the_unfinished(tmp_p
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(lambda: proc.stdout.readline().decode(), "")),
+                              daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 150
-        # Kill once test is committed and train has started writing (records staged, no manifest).
-        while not ((test_part / schema.MANIFEST_NAME).exists() and staged_files(train_part) >= 1):
-            assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stdout.read().decode()}"
+        # Kill once test is committed and train is under way: at its first progress line, or 1.5 s
+        # after its execution started (on 2 cores the first staged rows may come only near the end).
+        started = None
+        while True:
+            assert proc.poll() is None, "the job ended before it could be killed:\n" + "".join(lines)
             assert time.monotonic() < deadline, "timed out waiting for the first partition"
-            time.sleep(0.05)
+            if started is None and any("drv/train: 1200 inputs" in ln for ln in lines):
+                started = time.monotonic()
+            if started is not None and (time.monotonic() - started > 1.5
+                                        or any("drv/train: " in ln and "/1200 (" in ln for ln in lines)):
+                break
+            time.sleep(0.01)
+        assert (test_part / schema.MANIFEST_NAME).exists()
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session (its local Ray)
         proc.wait(30)
     finally:
@@ -430,9 +464,9 @@ def test_driver_killed_between_partitions_rerun_redoes_only_the_unfinished(tmp_p
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "drv/test: finished earlier (40 rows), skipped" in rerun.stdout
-    assert "drv/train: wrote 240 rows" in rerun.stdout
+    assert "drv/train: wrote 1200 rows" in rerun.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in test_part.iterdir()} == before
-    for split, n in (("test", 40), ("train", 240)):
+    for split, n in (("test", 40), ("train", 1200)):
         rec = records.load_records(str(out / "records"), model="drv", split=split)
         assert (np.sort(rec["sample_id"]) == np.arange(n)).all(), f"{split}: a sample lost or duplicated"
     names = sorted(p.name for p in train_part.iterdir())
