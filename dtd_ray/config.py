@@ -66,6 +66,18 @@ def field_comments(cls: type) -> dict[str, str]:
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
+def parse_bool(value: Any) -> bool | None:
+    """``True``/``False`` from a bool, a 0/1 integer, or a word a command line or YAML carries
+    (true/yes/on/1, false/no/off/0, any case); ``None`` when ``value`` is none of these."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return None
+
+
 def coerce_option_types(cfg: Any) -> None:
     """Turn command-line strings into the types a config dataclass's fields declare, or refuse in one line.
 
@@ -83,11 +95,9 @@ def coerce_option_types(cfg: Any) -> None:
         if value is None and "None" in kinds:
             continue
         if kind == "bool":
-            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-                value = value.strip().lower() in _TRUE
-            elif isinstance(value, int) and value in (0, 1):
-                value = bool(value)
-            ok = isinstance(value, bool)
+            parsed = parse_bool(value)
+            ok = parsed is not None
+            value = parsed if ok else value
         elif kind == "int":
             if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
                 value, ok = int(value), True

@@ -307,28 +307,34 @@ def _figure(w: float, h: float):
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 
-def _grid(n: int) -> tuple[int, int]:
-    cols = 2 if n == 4 else min(n, 3)  # 4 models: 2 × 2 rather than one wide row
-    return (n + cols - 1) // cols, cols
+def _per_model_axes(models: pd.DataFrame, *, xlabel: str):
+    """A figure with one subplot per model (3 per row; 4 models in 2 × 2), titled and labelled;
+    returns ``(fig, [(ax, model row), …])`` with the spare subplots hidden."""
+    n = len(models)
+    cols = 2 if n == 4 else min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig = _figure(3.6 * cols, 3.0 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    pairs = list(zip(axes, (mr for _, mr in models.iterrows())))
+    for ax, mr in pairs:
+        ax.set_title(mr["model"], fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    return fig, pairs
 
 
 def plot_accuracy_vs_k(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> None:
     acc = accuracy_by_k(trials)
-    r, c = _grid(len(models))
-    fig = _figure(3.6 * c, 3.0 * r)
-    axes = fig.subplots(r, c, squeeze=False).ravel()
-    for ax, (_, mr) in zip(axes, models.iterrows()):
+    fig, pairs = _per_model_axes(models, xlabel="k1 = k2 = k (features per class)")
+    for ax, mr in pairs:
         d = acc[acc["model"] == mr["model"]]
         for s, ds in d.groupby("strategy", sort=False):
             ax.plot(ds["k"], ds["acc_decomposed"], marker="o", ms=3, label=s, color=STRATEGY_COLORS.get(s))
         ax.axhline(mr["acc_full"], color="black", ls=":", lw=1, label=f"full ({mr['acc_full']:.2f})")
-        ax.set_title(mr["model"], fontsize=9)
-        ax.set_xlabel("k1 = k2 = k (features per class)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(models):]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
+    pairs[0][0].legend(fontsize=7)
     fig.suptitle("Decomposed head accuracy against k (no retraining)", fontsize=10)
     fig.savefig(path)
 
@@ -402,13 +408,11 @@ def plot_psi_vs_depth(models: pd.DataFrame, path: str) -> bool:
 def plot_retraining(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> bool:
     if not trials["retrain_mode"].isin(["head", "finetune"]).any():
         return False
-    r, c = _grid(len(models))
-    fig = _figure(3.6 * c, 3.0 * r)
-    axes = fig.subplots(r, c, squeeze=False).ravel()
+    fig, pairs = _per_model_axes(models, xlabel="k")
     acc = accuracy_by_k(trials)
     head = accuracy_by_k(trials, mode="head", value="acc_retrained")
     fine = accuracy_by_k(trials, mode="finetune", value="acc_retrained")
-    for ax, (_, mr) in zip(axes, models.iterrows()):
+    for ax, mr in pairs:
         for s in selection.STRATEGIES:
             col = STRATEGY_COLORS.get(s)
             h = head[(head["model"] == mr["model"]) & (head["strategy"] == s)]
@@ -421,13 +425,7 @@ def plot_retraining(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> bo
             if len(f):
                 ax.plot(f["k"], f["acc_retrained"], color=col, marker="*", ms=14, ls="none", mec="black", zorder=5)
         ax.axhline(mr["acc_full"], color="black", ls=":", lw=1)
-        ax.set_title(mr["model"], fontsize=9)
-        ax.set_xlabel("k")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(models):]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7, title="solid: head retrained\ndotted: before\n★: fine-tuned", title_fontsize=6)
+    pairs[0][0].legend(fontsize=7, title="solid: head retrained\ndotted: before\n★: fine-tuned", title_fontsize=6)
     fig.suptitle("Retraining recovery (black dotted: full head)", fontsize=10)
     fig.savefig(path)
     return True

@@ -213,18 +213,11 @@ def _as_bool(v: Any, name: str, *, allow_none: bool = False) -> bool | None:
     """``True``/``False`` from a bool or the words a command line or YAML may carry ("true", "no", "1", …)."""
     if v is None and allow_none:
         return None
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, np.integer)) and int(v) in (0, 1):
-        return bool(v)
-    if isinstance(v, str):
-        w = v.strip().lower()
-        if w in ("true", "yes", "on", "1"):
-            return True
-        if w in ("false", "no", "off", "0"):
-            return False
-        if allow_none and w in ("none", "null", "auto", ""):
-            return None
+    parsed = config_lib.parse_bool(v)
+    if parsed is not None:
+        return parsed
+    if allow_none and isinstance(v, str) and v.strip().lower() in ("none", "null", "auto", ""):
+        return None
     raise ValueError(f"{name} must be true or false{' (or null)' if allow_none else ''}, got {v!r}")
 
 
