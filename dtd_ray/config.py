@@ -1,12 +1,18 @@
-"""Small helpers shared by every stage's config dataclass: resolve, hash, record versions."""
+"""The one config and command-line layer: every job's options are parsed and typed here.
+
+Configs are dataclasses with commented defaults; :func:`run_cli` turns ``--name value`` flags
+into one (typed by :func:`coerce_values`, unknown names refused) and :func:`to_dict` /
+:func:`config_hash` / :func:`versions` record what ran beside every output."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import platform
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -52,9 +58,6 @@ def versions() -> dict[str, str]:
 
 def field_comments(cls: type) -> dict[str, str]:
     """The comment beside each field of dataclass ``cls`` in its source (``name: T = v  # comment``)."""
-    import inspect
-    import re
-
     comments: dict[str, str] = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
@@ -78,43 +81,60 @@ def parse_bool(value: Any) -> bool | None:
     return None
 
 
-def coerce_option_types(cfg: Any) -> None:
-    """Turn command-line strings into the types a config dataclass's fields declare, or refuse in one line.
+_NONE_WORDS = ("none", "null")
 
-    fire passes ``--overwrite false`` as the string ``"false"`` (truthy: the finished partition
-    would be deleted) and ``--kmax abc`` as ``"abc"`` (a TypeError deep inside). Fields annotated
-    ``bool``, ``int`` or ``float`` (optionally ``| None``) are converted; others are left alone.
+
+def coerce_value(name: str, annotation: Any, value: Any) -> Any:
+    """``value`` converted to the type a config field declares (``bool``, ``int``, ``float``,
+    optionally ``| None``), or a one-line ``ValueError``; fields of other types pass unchanged.
+
+    fire passes ``--overwrite false`` as the string ``"false"`` (truthy: a finished partition
+    would be deleted) and ``--kmax abc`` as ``"abc"`` (a TypeError deep inside). ``none`` /
+    ``null`` mean ``None`` where the field allows it.
+    """
+    kinds = {t.strip() for t in str(annotation).split("|")}
+    base = kinds - {"None"}
+    if len(base) != 1 or not (base <= {"bool", "int", "float"}):
+        return value
+    (kind,) = base
+    if "None" in kinds and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+        return None
+    if kind == "bool":
+        parsed = parse_bool(value)
+        ok = parsed is not None
+        out = parsed
+    elif kind == "int":
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            out, ok = int(value), True
+        elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            out, ok = int(value), True
+        else:
+            ok = isinstance(value, (float, np.floating)) and float(value).is_integer()
+            out = int(value) if ok else value
+    else:
+        try:
+            out, ok = float(value), not isinstance(value, bool)
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise ValueError(f"option {name}={value!r}: expected {kind}" + (" (true/false)" if kind == "bool" else ""))
+    return out
+
+
+def coerce_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (option name → raw value) with every typed field of dataclass ``cls`` converted."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return {k: coerce_value(k, types[k], v) if k in types else v for k, v in values.items()}
+
+
+def coerce_option_types(cfg: Any) -> None:
+    """Convert the typed fields of a config instance in place (see :func:`coerce_value`).
+
+    :func:`run_cli` converts every option before a config is built, whatever its class;
+    a config's ``__post_init__`` calls this too, so that one built in code is checked alike.
     """
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        kinds = {t.strip() for t in str(f.type).split("|")}
-        base = kinds - {"None"}
-        if len(base) != 1 or not (base <= {"bool", "int", "float"}):
-            continue
-        (kind,) = base
-        if value is None and "None" in kinds:
-            continue
-        if kind == "bool":
-            parsed = parse_bool(value)
-            ok = parsed is not None
-            value = parsed if ok else value
-        elif kind == "int":
-            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-                value, ok = int(value), True
-            elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-                value, ok = int(value), True
-            else:
-                ok = isinstance(value, (float, np.floating)) and float(value).is_integer()
-                value = int(value) if ok else value
-        else:
-            try:
-                value, ok = float(value), not isinstance(value, bool)
-            except (TypeError, ValueError):
-                ok = False
-        if not ok:
-            raise ValueError(f"option {f.name}={getattr(cfg, f.name)!r}: expected {kind}"
-                             + (" (true/false)" if kind == "bool" else ""))
-        setattr(cfg, f.name, value)
+        setattr(cfg, f.name, coerce_value(f.name, f.type, getattr(cfg, f.name)))
 
 
 def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None) -> Any:
@@ -124,9 +144,7 @@ def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None)
     and stray positional words are refused before anything runs (fire alone would run the
     function first and complain about leftovers after).
     """
-    import sys
-
-    import fire
+    import fire  # the CLI: imported where a command line is parsed, not by every library import
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "-help") for a in argv):
@@ -150,6 +168,7 @@ def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None)
         i += 2 if has_value and "=" not in tok else 1
 
     def main(**flags: Any) -> Any:
-        return run(cls(**flags))
+        # Typed here, for every config class alike: no class can forget to (``--ray false`` is False).
+        return run(cls(**coerce_values(cls, flags)))
 
     return fire.Fire(main, command=argv)

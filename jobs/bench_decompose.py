@@ -5,7 +5,7 @@ and the reduce of a synthetic ImageNet-size record set (time and peak RSS).
 
 Part 1 (CIFAR-10 test features): the grid k1 in 1..64, k2 in 1..k1 for ``frequency``
 and k2 in 1..64 for ``weight_l1``, ``contribution`` and ``random`` (k1 does not apply to
-them), evaluated by :func:`dtd_ray.heads.evaluate_grid`, against a naive loop that, per
+them), evaluated by :func:`dtd_ray.core.heads.evaluate_grid`, against a naive loop that, per
 configuration, builds one masked head (an ``nn.Linear`` with ``W ⊙ M``) and evaluates
 it on the same cached features — once in one full batch (the strongest naive loop) and
 once in mini-batches of 128 like an inference loop. Both get the same maps; selection
@@ -35,7 +35,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray import heads, records, reduce, schema, selection, storage  # noqa: E402
+from dtd_ray.core import heads  # noqa: E402
+from dtd_ray.io import records
+from dtd_ray.core import counting
+from dtd_ray.stages import reduce as stage_reduce
+from dtd_ray.io import schema
+from dtd_ray.core import selection
+from dtd_ray.io import storage
 
 
 @dataclass
@@ -62,7 +68,7 @@ class BenchConfig:
 def cifar_inputs(cfg: BenchConfig) -> dict:
     """Train records (selection) and test features (evaluation) with the head, or synthetic stand-ins."""
     if cfg.records and records.read_manifest(cfg.records, model=cfg.model, split="test") is not None:
-        from dtd_ray.decompose import load_head
+        from dtd_ray.models.linear_head import load_head
 
         man = records.read_manifest(cfg.records, model=cfg.model, split="train")
         w, b, source = load_head(manifest=man, head=cfg.head)
@@ -149,7 +155,7 @@ def bench_grid(cfg: BenchConfig) -> dict:
     tr, w, b = data["train"], data["w"], data["b"]
     C, m = w.shape
     t = time.perf_counter()
-    ft = reduce.reduce_arrays(labels=tr[schema.LABEL], topk_idx=tr[schema.TOPK_IDX], topk_val=tr[schema.TOPK_VAL],
+    ft = counting.reduce_arrays(labels=tr[schema.LABEL], topk_idx=tr[schema.TOPK_IDX], topk_val=tr[schema.TOPK_VAL],
                               features=tr[schema.FEATURES], num_classes=C, feature_dim=m,
                               k1_grid=f"1..{cfg.kmax}", with_feature_sums=True)
     t_reduce = time.perf_counter() - t
@@ -283,10 +289,12 @@ def write_synthetic_imagenet(cfg: BenchConfig) -> str:
 _CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from dtd_ray import reduce, selection
+from dtd_ray.core import counting
+from dtd_ray.stages import reduce as stage_reduce
+from dtd_ray.core import selection
 import numpy as np
 t0 = time.perf_counter()
-ft = reduce.reduce_partition({root!r}, model="synthetic", split="train", k1_grid="1..{kmax}")
+ft = stage_reduce.reduce_partition({root!r}, model="synthetic", split="train", k1_grid="1..{kmax}")
 t1 = time.perf_counter()
 pos0 = selection.frequency_tie_order(ft)
 maps = [selection.select_frequency(freq=ft, k1=k, k2=k, tie_order=pos0) for k in ft.k1_grid.tolist()]

@@ -34,8 +34,8 @@ def plain_loop(*, model: str, weights: str, folder: str, batch_size: int, kmax: 
     import torchvision
     import torchvision.transforms as T
 
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.extract import rank_topk
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.core.counting import rank_topk
 
     torch.set_num_threads(os.cpu_count() or 1)
     bb = get_backbone(model, weights=weights).eval()
@@ -55,7 +55,7 @@ def plain_loop(*, model: str, weights: str, folder: str, batch_size: int, kmax: 
 
 def ray_pipeline(*, model: str, weights: str, data: str, batch_size: int, kmax: int) -> tuple[float, float]:
     """(images/s of the pipeline's execution, images/s including planning and commit)."""
-    from dtd_ray.extract import ExtractConfig, run_extract
+    from dtd_ray.ray.extract import ExtractConfig, run_extract
 
     with tempfile.TemporaryDirectory() as out:
         cfg = ExtractConfig(model=model, weights=weights, dataset=f"imagefolder:{data}", splits=("test",),

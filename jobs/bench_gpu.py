@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtd_ray.extract import FeatureExtractor  # noqa: E402
+from dtd_ray.models.extractor import FeatureExtractor  # noqa: E402
 
 
 def prepare(shared: str = "../shared/data", data: str = ".devdata") -> None:
@@ -125,7 +125,7 @@ def check_throughput(data: str) -> dict:
 
 
 def check_head() -> dict:
-    from dtd_ray.heads import DecomposedHead, masked_logits
+    from dtd_ray.core.heads import DecomposedHead, masked_logits
 
     g = torch.Generator().manual_seed(0)
     C, m, k2, n = 1000, 2048, 50, 4096
@@ -143,9 +143,9 @@ def time_finetune_epoch(data: str, *, batch_size: int = 128, epoch_images: int =
     """One epoch of resnet20 + decomposed head (k=5), Adam lr 1e-4, bf16 autocast, channels_last."""
     import torch.nn.functional as F
 
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.extract import normalize_images
-    from dtd_ray.heads import DecomposedHead
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.models.runtime import normalize_images
+    from dtd_ray.core.heads import DecomposedHead
 
     z = np.load(os.path.join(data, "cifar10_test.npz"))
     images = torch.from_numpy(z["images"]).cuda()

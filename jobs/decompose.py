@@ -33,7 +33,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.decompose import DecomposeConfig, needs_ray, run_decompose  # noqa: E402
+from dtd_ray.stages.decompose import DecomposeConfig, needs_ray, run_decompose  # noqa: E402
+from dtd_ray.ray import decompose as ray_decompose  # noqa: E402
 
 
 def run(cfg: DecomposeConfig) -> None:
@@ -45,7 +46,7 @@ def run(cfg: DecomposeConfig) -> None:
     # RAY_ADDRESS (set by `ray job submit`, or "auto" for a `ray start` cluster) or a fresh local Ray.
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
     try:
-        run_decompose(cfg)
+        ray_decompose.run_decompose(cfg)
     finally:
         ray.shutdown()
 

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.extract import ExtractConfig, check_extract, run_extract  # noqa: E402
+from dtd_ray.ray.extract import ExtractConfig, check_extract, run_extract  # noqa: E402
 
 
 def run(cfg: ExtractConfig) -> None:

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtd_ray import sweep  # noqa: E402
+from dtd_ray.ray import sweep  # noqa: E402
 
 
 def run(cfg: sweep.SweepConfig) -> None:

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.train import TrainConfig, run_train  # noqa: E402
+from dtd_ray.train.backbone import TrainConfig, run_train  # noqa: E402
 
 
 def run(cfg: TrainConfig) -> None:

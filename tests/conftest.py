@@ -51,7 +51,7 @@ def cifar10_resnet20_records(ray_local, tmp_path_factory):
     ``cifar_resnet20``; returns the records root. Tests using it must carry
     ``needs_shared_data()``.
     """
-    from dtd_ray.extract import ExtractConfig, run_extract
+    from dtd_ray.ray.extract import ExtractConfig, run_extract
 
     out = tmp_path_factory.mktemp("cifar10_records")
     cfg = ExtractConfig(

@@ -7,14 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtd_ray import analysis
-
-
-def test_head_macs():
-    assert analysis.head_macs(num_classes=10, feature_dim=64, k2=5) == {"full": 640, "decomposed": 50, "ratio": 50 / 640}
-    assert analysis.head_macs(num_classes=1000, feature_dim=2048) == {"full": 2_048_000}
-    with pytest.raises(ValueError, match="outside"):
-        analysis.head_macs(num_classes=10, feature_dim=64, k2=65)
+from dtd_ray.core import analysis
 
 
 def test_channel_usage_and_pruning():

@@ -11,8 +11,8 @@ import torch
 from conftest import CIFAR_RESNETS_DIR, needs_shared_data
 from torch import nn
 
-from dtd_ray import backbones as B
-from dtd_ray.backbones import (
+from dtd_ray.models import backbones as B
+from dtd_ray.models.backbones import (
     NORMALIZATIONS,
     Backbone,
     Preprocessing,

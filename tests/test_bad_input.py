@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 
 from dtd_ray import config as config_lib
-from dtd_ray import records, schema, storage
+from dtd_ray.io import records
+from dtd_ray.io import schema
+from dtd_ray.io import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "bad"
@@ -60,7 +62,7 @@ class CarriesCode:
 def inputs(tmp_path_factory):
     """A 3-class imagefolder, checkpoints (good, other architecture, carrying code), CIFAR pickles,
     and synthetic records for the decompose job."""
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     root = tmp_path_factory.mktemp("bad_input")
     rng = np.random.default_rng(0)
@@ -106,7 +108,7 @@ def write_toy_records(root: Path, head: Path, *, C: int = 4, m: int = 16, kmax: 
 
 
 def extract_cfg(inputs: Path, out: Path, **kw):
-    from dtd_ray.extract import ExtractConfig
+    from dtd_ray.ray.extract import ExtractConfig
 
     base = dict(model="cifar_resnet20", weights=str(inputs / "ckpt.th"), dataset=f"imagefolder:{inputs / 'data'}",
                 splits=("test",), output=str(out), tag=TAG, kmax=8, batch_size=8, rows_per_file=8)
@@ -179,8 +181,8 @@ def cli_error(cli, name: str) -> str:
 def bad_images(ray_local, inputs, tmp_path_factory):
     """One extraction of a test split that holds a corrupt, a truncated, a zero-byte, a grey and an
     RGBA image and an empty class folder; returns its manifest, records and the ids of those files."""
-    from dtd_ray.datasets import parse_source
-    from dtd_ray.extract import run_extract
+    from dtd_ray.data.sources import parse_source
+    from dtd_ray.ray.extract import run_extract
 
     root = tmp_path_factory.mktemp("bad_images")
     data = root / "data"
@@ -244,7 +246,7 @@ def test_zero_byte_image_is_a_counted_skip(bad_images):
 
 @pytest.mark.parametrize("name", ["grey.png", "rgba.png"])
 def test_grey_and_rgba_images_are_converted_to_rgb(bad_images, inputs, name):
-    from dtd_ray.extract import FeatureExtractor
+    from dtd_ray.models.extractor import FeatureExtractor
 
     assert skip_reason(bad_images, name) is None
     rec = bad_images["rec"]
@@ -269,7 +271,7 @@ def test_class_folder_with_no_images_warns_and_keeps_labels(bad_images):
 
 def test_bad_image_with_on_bad_input_fail_stops_with_one_line(ray_local, inputs, bad_images, tmp_path):
     """on_bad_input='fail': the run stops at the first bad file with one line naming it; nothing is committed."""
-    from dtd_ray.extract import run_extract
+    from dtd_ray.ray.extract import run_extract
 
     out = tmp_path / "out"
     kind, msg, _ = _failure(lambda: run_extract(
@@ -285,7 +287,7 @@ def test_bad_image_with_on_bad_input_fail_stops_with_one_line(ray_local, inputs,
 
 
 def test_checkpoint_for_another_architecture_is_refused(inputs, cli):
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     with pytest.raises(ValueError) as ei:
         get_backbone("cifar_resnet20", weights=str(inputs / "resnet32.th"))
@@ -296,7 +298,7 @@ def test_checkpoint_for_another_architecture_is_refused(inputs, cli):
 
 
 def test_checkpoint_whose_pickle_carries_code_is_refused(inputs, cli):
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     with pytest.raises(ValueError) as ei:
         get_backbone("cifar_resnet20", weights=str(inputs / "code.th"))
@@ -308,7 +310,7 @@ def test_checkpoint_whose_pickle_carries_code_is_refused(inputs, cli):
 
 
 def test_dataset_pickle_that_carries_code_is_refused(inputs, cli):
-    from dtd_ray.datasets import parse_source
+    from dtd_ray.data.sources import parse_source
 
     with pytest.raises(pickle.UnpicklingError) as ei:
         parse_source(f"cifar10:{inputs / 'cifar_code'}")
@@ -319,7 +321,7 @@ def test_dataset_pickle_that_carries_code_is_refused(inputs, cli):
 
 
 def test_empty_dataset_file_is_one_line(inputs, cli):
-    from dtd_ray.datasets import parse_source
+    from dtd_ray.data.sources import parse_source
 
     with pytest.raises(Exception) as ei:
         parse_source(f"cifar10:{inputs / 'cifar_empty'}")
@@ -333,7 +335,7 @@ def test_empty_dataset_file_is_one_line(inputs, cli):
 
 
 def test_extract_kmax_out_of_range(cli):
-    from dtd_ray.extract import ExtractConfig
+    from dtd_ray.ray.extract import ExtractConfig
 
     with pytest.raises(ValueError, match=r"^kmax must be >= 1, got 0$"):
         ExtractConfig(kmax=0)
@@ -343,7 +345,7 @@ def test_extract_kmax_out_of_range(cli):
 @pytest.fixture
 def finished_decompose(inputs, tmp_path):
     """A finished decompose run (k1 1..8); returns (base kwargs, a snapshot function)."""
-    from dtd_ray.decompose import DecomposeConfig, run_decompose
+    from dtd_ray.stages.decompose import DecomposeConfig, run_decompose
 
     base = dict(records=str(inputs / "records"), model="toy", head=str(inputs / "head.npz"),
                 output=str(tmp_path / "dec"), analysis_k=2)
@@ -363,7 +365,7 @@ def finished_decompose(inputs, tmp_path):
     (dict(k1="1..4", analysis_k=7), r"^analysis_k=7 is not in the k1 grid '1\.\.4'$"),
 ], ids=["k1>kmax", "k1=0", "lo>hi", "k2_max>m", "analysis_k"])
 def test_decompose_k_out_of_range_is_refused_before_anything_is_written(finished_decompose, kw, pattern):
-    from dtd_ray.decompose import DecomposeConfig, run_decompose
+    from dtd_ray.stages.decompose import DecomposeConfig, run_decompose
 
     base, snapshot = finished_decompose
     before = snapshot()
@@ -381,7 +383,7 @@ def test_decompose_k_out_of_range_on_the_command_line(cli):
 def test_decompose_output_k_out_of_range_alters_nothing(finished_decompose, option):
     """--export_json / --print_k with a k beyond the grid: refused up front, naming the option,
     before any file of the earlier finished run is overwritten."""
-    from dtd_ray.decompose import DecomposeConfig, run_decompose
+    from dtd_ray.stages.decompose import DecomposeConfig, run_decompose
 
     base, snapshot = finished_decompose
     before = snapshot()
@@ -393,9 +395,10 @@ def test_decompose_output_k_out_of_range_alters_nothing(finished_decompose, opti
 
 
 def test_k2_larger_than_k1_is_refused():
-    from dtd_ray import reduce, selection
+    from dtd_ray.core import counting
+    from dtd_ray.core import selection
 
-    freq = reduce.reduce_arrays(labels=np.array([0, 1]), topk_idx=np.array([[0, 1, 2], [1, 2, 0]]),
+    freq = counting.reduce_arrays(labels=np.array([0, 1]), topk_idx=np.array([[0, 1, 2], [1, 2, 0]]),
                                 num_classes=2, feature_dim=4, k1_grid=[1, 3])
     with pytest.raises(ValueError, match=r"^k2=5 > k1=3: a class's top-k2 frequent features must come from "
                                          r"its top-k1 lists$"):
@@ -408,11 +411,11 @@ def test_k2_larger_than_k1_is_refused():
 
 
 def test_misspelt_config_key_is_refused():
-    from dtd_ray.decompose import DecomposeConfig
-    from dtd_ray.extract import ExtractConfig, config_from_kwargs
+    from dtd_ray.stages.decompose import DecomposeConfig
+    from dtd_ray.ray.extract import ExtractConfig
 
     with pytest.raises(ValueError) as ei:
-        config_from_kwargs(batchsize=8)
+        config_lib.run_cli(ExtractConfig, lambda cfg: cfg, summary="", argv=["--batchsize", "8"])
     assert one_line(ei.value).startswith("unknown ExtractConfig option(s) batchsize; valid: ")
     with pytest.raises(ValueError, match=r"^unknown DecomposeConfig option\(s\) k1s; valid: .*\bk1\b"):
         config_lib.check_keys(DecomposeConfig, {"k1s": "1..4"})
@@ -434,7 +437,7 @@ def test_option_value_of_the_wrong_type_is_one_line(cli, name, option):
 def test_boolean_option_written_false_is_false_or_refused():
     """`--overwrite false` (fire hands over the string "false") must not mean overwrite: a truthy
     "false" would delete a finished partition and recompute it. It is False; a non-boolean is refused."""
-    from dtd_ray.extract import ExtractConfig
+    from dtd_ray.ray.extract import ExtractConfig
 
     seen = []
     config_lib.run_cli(ExtractConfig, seen.append, summary="x", argv=["--overwrite", "false", "--use_gpu", "false"])
@@ -501,7 +504,7 @@ def disk_full(ray_local, inputs, tmp_path_factory):
     disk midway. Records what the failed run left and showed; the disk then grows to 64 MiB.
 
     Needs root and CAP_SYS_ADMIN (as in this project's containers) to mount the tmpfs."""
-    from dtd_ray.extract import run_extract
+    from dtd_ray.ray.extract import run_extract
 
     tmp = tmp_path_factory.mktemp("disk_full")
     mnt = tmp / "disk"
@@ -546,7 +549,7 @@ def disk_full(ray_local, inputs, tmp_path_factory):
 def test_write_failing_midway_commits_nothing_and_a_rerun_completes(disk_full):
     """No manifest for the partition being written; the earlier partition untouched; a rerun with
     space skips test (files untouched) and writes train with every sample exactly once."""
-    from dtd_ray.extract import run_extract
+    from dtd_ray.ray.extract import run_extract
 
     assert disk_full["test_manifest"]["rows"] == 12
     assert disk_full["train_manifest"] is None  # nothing partial marked finished

@@ -1,4 +1,4 @@
-"""Tests of dtd_ray.datasets: source specs, readers, the prepare stage and the Ray datasets.
+"""Tests of dtd_ray.data.sources: source specs, readers, the prepare stage and the Ray datasets.
 
 Every fixture writes tiny files into tmp_path; the one real-data test (the installed
 Fashion-MNIST package) skips where the package is absent.
@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtd_ray import datasets
-from dtd_ray.datasets import cifar_augment, parse_idx, parse_source, prepare_batch
+from dtd_ray.data import sources as datasets
+from dtd_ray.data.sources import cifar_augment, parse_idx, parse_source, prepare_batch
 
 from conftest import CIFAR10_DIR, FASHION_MNIST_DIR
 
 
 def Prep(*, size: int = 8, resize: int | None = None, channels: int = 3) -> SimpleNamespace:
-    """Stands in for dtd_ray.backbones.Preprocessing: prepare_batch only reads these attributes.
+    """Stands in for dtd_ray.models.backbones.Preprocessing: prepare_batch only reads these attributes.
 
     A SimpleNamespace rather than a class defined here, because Ray workers unpickle the
     fn_kwargs of map_batches and cannot import this test module.
@@ -74,7 +74,7 @@ def test_imagefolder_classes_labels_and_stable_ids(image_tree, caplog):
     assert src.splits() == ("test", "train")
     assert src.num_rows("train") == 5 and src.num_rows("test") == 3
 
-    with caplog.at_level(logging.WARNING, logger="dtd_ray.datasets"):
+    with caplog.at_level(logging.WARNING, logger="dtd_ray.data.sources"):
         cols = src.read_numpy("train")
     assert "empty" in caplog.text  # the empty class folder is allowed but reported
     assert set(cols) == {"sample_id", "label", "path"}

@@ -18,17 +18,27 @@ import pytest
 import torch
 from conftest import CIFAR10_DIR, CIFAR_RESNETS_DIR, UPSTREAM_DTD_DIR, needs_shared_data
 
-from dtd_ray import heads, records, reduce, schema, selection, storage
+from dtd_ray.core import heads
+from dtd_ray.io import records
+from dtd_ray.ray import reduce as ray_reduce
+from dtd_ray.stages import reduce as stage_reduce
+from dtd_ray.io import tables
+from dtd_ray.io import schema
+from dtd_ray.core import selection
+from dtd_ray.io import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_K5 = 88.59  # the reference implementation's decomposed accuracy with resnet20_cifar-10_indices.json
 
 
 def load_job():
-    """The decompose stage (``jobs/decompose.py`` is its thin command-line wrapper)."""
-    from dtd_ray import decompose
+    """The decompose stage with its Ray steps, as ``jobs/decompose.py`` (a thin command-line wrapper) runs it."""
+    from types import SimpleNamespace
 
-    return decompose
+    from dtd_ray.ray import decompose as ray_decompose
+    from dtd_ray.stages import decompose
+
+    return SimpleNamespace(DecomposeConfig=decompose.DecomposeConfig, run_decompose=ray_decompose.run_decompose)
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -89,7 +99,7 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
     # the classes live on features 4c..4c+3: the frequency map at k1 = k2 = 4 finds exactly them
     maps = pd.read_parquet(out / "maps")
     assert set(maps["select_split"]) == {"train"} and set(maps["correct_only"]) == {"false"}  # Hive folders
-    m4 = selection.map_from_table(maps, strategy="frequency", k1=4, k2=4)
+    m4 = tables.map_from_table(maps, strategy="frequency", k1=4, k2=4)
     np.testing.assert_array_equal(np.sort(m4.idx, 1), np.arange(20).reshape(5, 4))
     row = df[(df.strategy == "frequency") & (df.k1 == 4) & (df.k2 == 4)].iloc[0]
     assert row["acc_decomposed"] == pytest.approx(res["eval"].query("strategy == 'frequency' and k1 == 4 and k2 == 4")
@@ -103,9 +113,9 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
     maps = pd.read_parquet(out / "maps")
     assert set(maps["correct_only"]) == {"false", "true"}
     with pytest.raises(ValueError, match="several selections"):
-        selection.map_from_table(maps, strategy="frequency", k1=4, k2=4)
+        tables.map_from_table(maps, strategy="frequency", k1=4, k2=4)
     one = maps[maps["correct_only"] == "true"]
-    assert selection.map_from_table(one, strategy="frequency", k1=4, k2=4).k2 == 4
+    assert tables.map_from_table(one, strategy="frequency", k1=4, k2=4).k2 == 4
     assert len(list((out / "eval").glob("*.parquet"))) == 2
     exported = json.loads(next((out / "json").rglob("toy_frequency_4_4_indices.json")).read_text())
     assert {int(k): sorted(v) for k, v in exported.items()} == {c: list(range(4 * c, 4 * c + 4)) for c in range(5)}
@@ -120,7 +130,7 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
 def test_job_correct_only_ray_engine_and_imported_map(toy, tmp_path, ray_local):
     job = load_job()
     jpath = tmp_path / "map.json"
-    reduce.write_map_json(str(jpath), np.arange(20).reshape(5, 4))
+    tables.write_map_json(str(jpath), np.arange(20).reshape(5, 4))
     common = dict(records=str(toy / "records"), model="toy", head=str(toy / "head.npz"), k1="2..8:2", analysis_k=4,
                   correct_only=True, strategies=("frequency", "random"))
     a = job.run_decompose(job.DecomposeConfig(output=str(tmp_path / "a"), **common))["eval"]
@@ -142,7 +152,7 @@ def test_job_bad_input(toy, tmp_path):
     np.savez(tmp_path / "bad.npz", weight=np.zeros((5, 20)), bias=np.zeros(5))
     with pytest.raises(ValueError, match="m=24; the head has C=5, m=20"):
         job.run_decompose(job.DecomposeConfig(head=str(tmp_path / "bad.npz"), **base))
-    reduce.write_map_json(str(tmp_path / "m.json"), np.arange(12).reshape(3, 4))
+    tables.write_map_json(str(tmp_path / "m.json"), np.arange(12).reshape(3, 4))
     with pytest.raises(ValueError, match="3 class"):
         job.run_decompose(job.DecomposeConfig(head=str(toy / "head.npz"), maps_json=(str(tmp_path / "m.json"),), **base))
     with pytest.raises(FileNotFoundError, match="--augment cifar --seed 2"):
@@ -168,7 +178,7 @@ def cifar_records(cifar10_resnet20_records, tmp_path_factory):
     The augmented pass is made by the job itself (``--select_augment cifar --extract_missing``),
     with the model, weights, normalisation and dataset of the records' manifest.
     """
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     root = cifar10_resnet20_records
     weights = str(CIFAR_RESNETS_DIR / "resnet20-12fca82f.th")
@@ -186,7 +196,7 @@ def cifar_records(cifar10_resnet20_records, tmp_path_factory):
 
 
 def published(name="resnet20_cifar-10_indices.json"):
-    return reduce.read_map_json(str(UPSTREAM_DTD_DIR / name), num_classes=10, feature_dim=64)
+    return tables.read_map_json(str(UPSTREAM_DTD_DIR / name), num_classes=10, feature_dim=64)
 
 
 def accuracy(data, idx):
@@ -199,7 +209,7 @@ def overlap(a, b):
 
 
 def frequency_map(data, split, k):
-    ft = reduce.reduce_partition(data["root"], model="cifar_resnet20", split=split, k1_grid=[k])
+    ft = stage_reduce.reduce_partition(data["root"], model="cifar_resnet20", split=split, k1_grid=[k])
     return selection.select_frequency(freq=ft, k1=k, k2=k)
 
 
@@ -243,7 +253,7 @@ def test_real_job_grid_and_ray_reduce(cifar_records, tmp_path, capsys):
     assert 100 * k5 == pytest.approx(accuracy(cifar_records, frequency_map(cifar_records, "train", 5).idx), abs=1e-9)
     # at k2 = m every strategy is the full head
     assert (df[df.k2 == 64]["acc_decomposed"] == df["acc_full"].iloc[0]).all()
-    ray_ft = reduce.reduce_ray(cifar_records["root"], model="cifar_resnet20", split="train", k1_grid="1..64:9")
+    ray_ft = ray_reduce.reduce_ray(cifar_records["root"], model="cifar_resnet20", split="train", k1_grid="1..64:9")
     np.testing.assert_array_equal(ray_ft.counts, res["freq"].counts[ray_ft.k1_grid - 1])
 
 
@@ -251,8 +261,8 @@ def test_real_job_grid_and_ray_reduce(cifar_records, tmp_path, capsys):
 def test_real_psi_for_every_block():
     from PIL import Image
 
-    from dtd_ray import analysis
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.core import analysis
+    from dtd_ray.models.backbones import get_backbone
 
     bb = get_backbone("cifar_resnet20", weights=str(CIFAR_RESNETS_DIR / "resnet20-12fca82f.th"), normalization="cifar10")
     classes = sorted(p.name for p in (CIFAR10_DIR / "test").iterdir())
@@ -264,7 +274,8 @@ def test_real_psi_for_every_block():
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
     mean, std = torch.tensor(bb.preprocessing.mean).view(1, 3, 1, 1), torch.tensor(bb.preprocessing.std).view(1, 3, 1, 1)
     x = (x - mean) / std
-    out = analysis.psi_for_blocks(backbone=bb, batches=[x[:100], x[100:]], labels=np.array(labels), num_classes=10)
+    norms = analysis.block_channel_norms(backbone=bb, batches=[x[:100], x[100:]])
+    out = {name: analysis.psi_by_class(values=v, labels=np.array(labels), num_classes=10) for name, v in norms.items()}
     assert list(out) == list(bb.blocks) == ["layer1", "layer2", "layer3"]
     for res in out.values():
         assert res["psi_median"].shape == (10,) and np.all((res["psi_median"] >= 0) & (res["psi_median"] < 1))

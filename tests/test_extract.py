@@ -11,8 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dtd_ray import records, schema
-from dtd_ray.extract import ExtractConfig, FeatureExtractor, normalize_images, rank_topk, run_extract
+from dtd_ray.io import records
+from dtd_ray.io import schema
+from dtd_ray import config as config_lib
+from dtd_ray.core.counting import rank_topk
+from dtd_ray.models.extractor import FeatureExtractor
+from dtd_ray.models.runtime import normalize_images
+from dtd_ray.ray.extract import ExtractConfig, run_extract
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -45,10 +50,8 @@ def test_config_validates_options():
         ExtractConfig(precision="fp8")
     with pytest.raises(ValueError, match="on_bad_input"):
         ExtractConfig(on_bad_input="ignore")
-    from dtd_ray.extract import config_from_kwargs
-
     with pytest.raises(ValueError, match="unknown ExtractConfig option.*kmx"):
-        config_from_kwargs(kmx=5)
+        config_lib.check_keys(ExtractConfig, {"kmx": 5})
     assert ExtractConfig(splits="train,test").splits == ("train", "test")
 
 
@@ -68,7 +71,7 @@ def _write_tiny_imagefolder(root: Path, *, per_class: int = 6, classes=("cat", "
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 3-class 32-px imagefolder and a checkpoint of a randomly initialised cifar_resnet20."""
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     root = tmp_path_factory.mktemp("tiny")
     _write_tiny_imagefolder(root / "data")
@@ -84,7 +87,7 @@ def _reference_forward(tiny: Path, split: str):
     """Plain PyTorch: PIL → ToTensor → Normalize → features / logits, in sorted file order."""
     import torchvision.transforms.functional as TF
 
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     bb = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th"), num_classes=3).eval()
     pre = bb.preprocessing

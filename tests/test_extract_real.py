@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from conftest import CIFAR10_DIR, CIFAR_RESNETS_DIR, needs_shared_data
-from dtd_ray import records
-from dtd_ray.extract import ExtractConfig, run_extract
+from dtd_ray.io import records
+from dtd_ray.ray.extract import ExtractConfig, run_extract
 
 pytestmark = needs_shared_data()
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dtd_ray import heads, selection
-from dtd_ray.selection import ClassMap
+from dtd_ray.core import heads
+from dtd_ray.core import selection
+from dtd_ray.core.selection import ClassMap
 
 
 def random_head(seed=0, N=200, C=4, m=12):

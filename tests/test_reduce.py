@@ -8,7 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dtd_ray import records, reduce, schema, storage
+from dtd_ray.io import records
+from dtd_ray.core import counting
+from dtd_ray.ray import reduce as ray_reduce
+from dtd_ray.stages import reduce as stage_reduce
+from dtd_ray.io import tables
+from dtd_ray.io import schema
+from dtd_ray.io import storage
 
 
 def rank(features: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +59,7 @@ HAND_COUNTS = {
 
 
 def test_hand_computed_tables_for_every_k1():
-    ft = reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=HAND_VAL, num_classes=2, feature_dim=4)
+    ft = counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=HAND_VAL, num_classes=2, feature_dim=4)
     assert ft.k1_grid.tolist() == [1, 2, 3]
     for k1, expected in HAND_COUNTS.items():
         np.testing.assert_array_equal(ft.for_k1(k1), expected)
@@ -67,8 +73,8 @@ def test_grid_subset_equals_full_pass_and_cumsum_definition():
     f = rng.random((300, 12))
     y = rng.integers(0, 4, 300).astype(np.int32)
     idx, val = rank(f, 10)
-    full = reduce.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, num_classes=4, feature_dim=12)
-    sub = reduce.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, num_classes=4, feature_dim=12, k1_grid=[3, 7, 10])
+    full = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, num_classes=4, feature_dim=12)
+    sub = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, num_classes=4, feature_dim=12, k1_grid=[3, 7, 10])
     for k1 in (3, 7, 10):
         np.testing.assert_array_equal(sub.for_k1(k1), full.for_k1(k1))
         # definition: count[y, j] = #{i in y : j in top-k1(i)}
@@ -85,8 +91,8 @@ def test_small_buffer_many_flushes_gives_same_tables():
     f = rng.random((1000, 16))
     y = rng.integers(0, 3, 1000).astype(np.int32)
     idx, val = rank(f, 8)
-    ref = reduce.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, num_classes=3, feature_dim=16)
-    acc = reduce.CountAccumulator(num_classes=3, feature_dim=16, k1_grid=np.arange(1, 9), kmax=8, buffer_bytes=1)
+    ref = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, num_classes=3, feature_dim=16)
+    acc = counting.CountAccumulator(num_classes=3, feature_dim=16, k1_grid=np.arange(1, 9), kmax=8, buffer_bytes=1)
     for s in range(0, 1000, 77):
         acc.add(labels=y[s : s + 77], topk_idx=idx[s : s + 77], topk_val=val[s : s + 77])
     got = acc.result()
@@ -96,14 +102,14 @@ def test_small_buffer_many_flushes_gives_same_tables():
 
 def test_correct_only_counts_only_correct_instances():
     preds = np.array([0, 1, 1], dtype=np.int32)  # instance B (class 0) is misclassified
-    ft = reduce.reduce_arrays(
+    ft = counting.reduce_arrays(
         labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=HAND_VAL, preds=preds, num_classes=2, feature_dim=4, correct_only=True
     )
     np.testing.assert_array_equal(ft.for_k1(3), [[1, 1, 1, 0], [1, 0, 1, 1]])
     np.testing.assert_array_equal(ft.n_instances, [1, 1])
     assert ft.options["correct_only"] is True and ft.options["rows_used"] == 2
     with pytest.raises(ValueError, match="pred"):
-        reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, num_classes=2, feature_dim=4, correct_only=True)
+        counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, num_classes=2, feature_dim=4, correct_only=True)
 
 
 def test_feature_sums_per_class():
@@ -111,7 +117,7 @@ def test_feature_sums_per_class():
     f = rng.random((50, 6))
     y = rng.integers(0, 3, 50).astype(np.int32)
     idx, val = rank(f, 6)
-    ft = reduce.reduce_arrays(
+    ft = counting.reduce_arrays(
         labels=y, topk_idx=idx, topk_val=val, features=f, num_classes=3, feature_dim=6, with_feature_sums=True
     )
     for c in range(3):
@@ -130,11 +136,11 @@ def test_streaming_partition_equals_in_memory(tmp_path):
     arr = write_partition(tmp_path, model="m", split="train", labels=y, features=f, kmax=12, preds=preds, files=3,
                           num_classes=5, config={"augment": "cifar", "seed": 7})
     for correct_only in (False, True):
-        ref = reduce.reduce_arrays(
+        ref = counting.reduce_arrays(
             labels=y, topk_idx=arr[schema.TOPK_IDX], topk_val=arr[schema.TOPK_VAL], preds=preds, features=f,
             num_classes=5, feature_dim=20, correct_only=correct_only, with_feature_sums=True,
         )
-        got = reduce.reduce_partition(str(tmp_path), model="m", split="train", batch_rows=100,
+        got = stage_reduce.reduce_partition(str(tmp_path), model="m", split="train", batch_rows=100,
                                       correct_only=correct_only, with_feature_sums=True)
         np.testing.assert_array_equal(got.counts, ref.counts)
         np.testing.assert_allclose(got.mass, ref.mass, rtol=1e-12)
@@ -142,9 +148,9 @@ def test_streaming_partition_equals_in_memory(tmp_path):
         assert got.options["select_split"] == "train" and got.options["correct_only"] is correct_only
         assert got.options["augment"] == "cifar" and got.options["seed"] == 7
     with pytest.raises(FileNotFoundError, match="no finished records"):
-        reduce.reduce_partition(str(tmp_path), model="m", split="test")
+        stage_reduce.reduce_partition(str(tmp_path), model="m", split="test")
     with pytest.raises(ValueError, match="exceeds the records' kmax=12"):
-        reduce.reduce_partition(str(tmp_path), model="m", split="train", k1_grid=[5, 13])
+        stage_reduce.reduce_partition(str(tmp_path), model="m", split="train", k1_grid=[5, 13])
 
 
 def test_ray_path_equals_numpy_pass(tmp_path, ray_local):
@@ -154,8 +160,8 @@ def test_ray_path_equals_numpy_pass(tmp_path, ray_local):
     preds = np.where(rng.random(700) < 0.7, y, (y + 1) % 4).astype(np.int32)
     write_partition(tmp_path, model="m", split="train", labels=y, features=f, kmax=10, preds=preds, files=3, num_classes=4)
     for kw in ({"k1_grid": None}, {"k1_grid": [2, 5, 10], "correct_only": True, "with_feature_sums": True}):
-        ref = reduce.reduce_partition(str(tmp_path), model="m", split="train", **kw)
-        got = reduce.reduce_ray(str(tmp_path), model="m", split="train", batch_rows=128, **kw)
+        ref = stage_reduce.reduce_partition(str(tmp_path), model="m", split="train", **kw)
+        got = ray_reduce.reduce_ray(str(tmp_path), model="m", split="train", batch_rows=128, **kw)
         np.testing.assert_array_equal(got.k1_grid, ref.k1_grid)
         np.testing.assert_array_equal(got.counts, ref.counts)
         np.testing.assert_array_equal(got.n_instances, ref.n_instances)
@@ -173,14 +179,14 @@ def test_sparse_partials_merge_to_the_same_tables(C, m, rows):
     preds = np.where(rng.random(4 * rows) < 0.6, y, 0).astype(np.int32)
     idx, val = rank(f, 8)
     kw = dict(num_classes=C, feature_dim=m, k1_grid=[1, 4, 8], correct_only=True, with_feature_sums=True)
-    ref = reduce.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, preds=preds, features=f, **kw)
-    acc = reduce.CountAccumulator(num_classes=C, feature_dim=m, k1_grid=np.array([1, 4, 8]), kmax=8,
+    ref = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=val, preds=preds, features=f, **kw)
+    acc = counting.CountAccumulator(num_classes=C, feature_dim=m, k1_grid=np.array([1, 4, 8]), kmax=8,
                                   correct_only=True, with_feature_sums=True)
     parts = []
     for s in range(0, 4 * rows, rows):
         batch = {schema.LABEL: y[s : s + rows], schema.TOPK_IDX: idx[s : s + rows], schema.TOPK_VAL: val[s : s + rows],
                  schema.PRED: preds[s : s + rows], schema.FEATURES: f[s : s + rows]}
-        parts.append(reduce.partial_counts(batch, kmax=8, **kw))
+        parts.append(counting.partial_counts(batch, kmax=8, **kw))
         assert len(parts[-1]["key"]) <= rows * 8 * 2 + C + C * m + 3  # sparse: bounded by the batch
     # two partials joined into one batch (keys repeat) and two on their own
     acc.add_partial({k: np.concatenate([parts[0][k], parts[1][k]]) for k in parts[0]})
@@ -200,27 +206,27 @@ def test_sparse_partials_merge_to_the_same_tables(C, m, rows):
 def test_bad_records_are_refused_in_one_line():
     kw = dict(num_classes=2, feature_dim=4)
     with pytest.raises(ValueError, match="label 2 is outside"):
-        reduce.reduce_arrays(labels=np.array([0, 0, 2]), topk_idx=HAND_IDX, **kw)
+        counting.reduce_arrays(labels=np.array([0, 0, 2]), topk_idx=HAND_IDX, **kw)
     with pytest.raises(ValueError, match="feature index 5 is outside"):
-        reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX + 2, **kw)
+        counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX + 2, **kw)
     dup = HAND_IDX.copy()
     dup[1, 2] = 2
     with pytest.raises(ValueError, match="repeat a feature index"):
-        reduce.reduce_arrays(labels=HAND_LAB, topk_idx=dup, **kw)
+        counting.reduce_arrays(labels=HAND_LAB, topk_idx=dup, **kw)
     nan = HAND_VAL.copy()
     nan[0, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=nan, **kw)
+        counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=nan, **kw)
     with pytest.raises(ValueError, match="larger than the feature dimension"):
-        reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, num_classes=2, feature_dim=2)
+        counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, num_classes=2, feature_dim=2)
     with pytest.raises(ValueError, match="exceeds the records' kmax=3"):
-        reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, k1_grid=4, **kw)
+        counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, k1_grid=4, **kw)
 
 
 def test_negative_values_and_empty_classes_are_recorded_warnings():
     neg = HAND_VAL.copy()
     neg[2, 0] = -6.0
-    ft = reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=neg, num_classes=3, feature_dim=4,
+    ft = counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=neg, num_classes=3, feature_dim=4,
                               features=np.ones((3, 4)), with_feature_sums=True)
     assert any("negative" in w for w in ft.warnings)
     assert any("class(es) [2] have no instances" in w for w in ft.warnings)
@@ -229,34 +235,38 @@ def test_negative_values_and_empty_classes_are_recorded_warnings():
         ft.class_mean_features()
 
 
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        (None, [1, 2, 3, 4, 5, 6]), (3, [3]), ("2..5", [2, 3, 4, 5]), ("1..6:2", [1, 3, 5]), ("5,1,5", [1, 5]),
-        ((2, 4), [2, 4]),
-    ],
-)
-def test_parse_k1_grid(spec, expected):
-    assert reduce.parse_k1_grid(spec, kmax=6).tolist() == expected
-
-
-@pytest.mark.parametrize("spec", [0, "7", "3..2", "a..b", "1-4", []])
-def test_parse_k1_grid_rejects(spec):
-    with pytest.raises(ValueError):
-        reduce.parse_k1_grid(spec, kmax=6)
-
-
 # --------------------------------------------------------------------------- outputs
 
 
+def freq_from_table(table, *, num_classes: int, feature_dim: int, kmax: int | None = None) -> counting.FreqTables:
+    """The counts of a ``freq/`` table (Arrow) back as :class:`FreqTables` (the round-trip check's reader).
+
+    Only the counts travel through ``freq/``: the result has no tie-break mass and no
+    instance counts (``n_instances`` is the table's k1=min row sums divided by k1).
+    """
+    df = table.to_pandas()
+    grid = np.unique(df["k1"].to_numpy().astype(np.int64))
+    if grid.size == 0:
+        raise ValueError("empty freq table")
+    y = df["class"].to_numpy().astype(np.int64)
+    j = df["feature"].to_numpy().astype(np.int64)
+    if y.max() >= num_classes or j.max() >= feature_dim:
+        raise ValueError(f"freq table has class {y.max()} / feature {j.max()}, expected C={num_classes}, m={feature_dim}")
+    counts = np.zeros((grid.size, num_classes, feature_dim), dtype=np.int32)
+    g = np.searchsorted(grid, df["k1"].to_numpy())
+    counts[g, y, j] = df["count"].to_numpy()
+    n = counts[0].sum(axis=1) // grid[0]
+    return counting.FreqTables(k1_grid=grid, counts=counts, n_instances=n.astype(np.int64), kmax=int(kmax or grid[-1]))
+
+
 def test_freq_table_round_trip():
-    ft = reduce.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=HAND_VAL, num_classes=2, feature_dim=4)
-    table = reduce.freq_to_table(ft, model="toy")
+    ft = counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=HAND_VAL, num_classes=2, feature_dim=4)
+    table = tables.freq_to_table(ft, model="toy")
     assert table.schema.equals(schema.FREQ_SCHEMA)
     df = table.to_pandas()
     assert (df["count"] > 0).all() and set(df["model"]) == {"toy"}
     assert len(df) == sum(np.count_nonzero(v) for v in HAND_COUNTS.values())
-    back = reduce.freq_from_table(table, num_classes=2, feature_dim=4)
+    back = freq_from_table(table, num_classes=2, feature_dim=4)
     np.testing.assert_array_equal(back.counts, ft.counts)
     np.testing.assert_array_equal(back.n_instances, ft.n_instances)
 
@@ -264,9 +274,9 @@ def test_freq_table_round_trip():
 def test_json_map_round_trip(tmp_path):
     idx = np.array([[7, 23, 54], [9, 47, 40]])
     path = str(tmp_path / "m.json")
-    reduce.write_map_json(path, idx)
+    tables.write_map_json(path, idx)
     assert json.loads(open(path).read()) == {"0": [7, 23, 54], "1": [9, 47, 40]}
-    np.testing.assert_array_equal(reduce.read_map_json(path, num_classes=2, feature_dim=64), idx)
+    np.testing.assert_array_equal(tables.read_map_json(path, num_classes=2, feature_dim=64), idx)
 
 
 @pytest.mark.parametrize(
@@ -282,4 +292,4 @@ def test_json_map_round_trip(tmp_path):
 )
 def test_json_map_that_does_not_fit_is_refused(obj, match):
     with pytest.raises(ValueError, match=match):
-        reduce.map_from_json(obj, num_classes=2, feature_dim=64)
+        tables.map_from_json(obj, num_classes=2, feature_dim=64)

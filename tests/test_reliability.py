@@ -39,7 +39,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dtd_ray import records, schema
+from dtd_ray.io import records
+from dtd_ray.io import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 3072  # 6 source blocks of 512 rows for 3 actors: a fault lands while tasks are in flight
@@ -80,7 +81,7 @@ def write_checkpoint(path: Path, *, num_classes: int = N_CLASSES, seed: int = 0)
     and accuracy is neither 0 nor 1: a random head predicts one class for everything,
     which would make "same accuracy as a clean run" an empty check.
     """
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     torch.manual_seed(seed)
     model = get_backbone("cifar_resnet20", weights=None, num_classes=num_classes).eval()
@@ -106,7 +107,7 @@ def mn_data(tmp_path_factory):
 
 
 def mn_config(data: Path, out: Path, **kw):
-    from dtd_ray.extract import ExtractConfig
+    from dtd_ray.ray.extract import ExtractConfig
 
     base = dict(model="cifar_resnet20", weights=str(data / "ckpt.th"), dataset=f"imagefolder:{data / 'data'}",
                 splits=("test",), output=str(out), tag=TAG, kmax=8, batch_size=64, rows_per_file=64,
@@ -208,7 +209,7 @@ def clean(cluster, mn_data, tmp_path_factory):
 
 
 def run(cfg):
-    from dtd_ray.extract import run_extract
+    from dtd_ray.ray.extract import run_extract
 
     return run_extract(cfg)
 
@@ -303,7 +304,7 @@ class Fault(threading.Thread):
 
 
 def test_extraction_shards_across_nodes(cluster, clean):
-    from dtd_ray.extract import plan_resources
+    from dtd_ray.ray.extract import plan_resources
 
     # The driver's decision on this cluster: GPU actors, one per (fake) GPU, unless told otherwise.
     auto = plan_resources(mn_config(Path("/x"), Path("/x"), use_gpu=None))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dtd_ray import report
-from dtd_ray.backbones import get_backbone
+from dtd_ray.models.backbones import get_backbone
 
 
 def test_class_activation_maps_sum_the_chosen_channels():

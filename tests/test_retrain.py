@@ -16,7 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dtd_ray import heads, records, retrain, schema, storage
+from dtd_ray.core import heads
+from dtd_ray.io import records
+from dtd_ray.train import retrain
+from dtd_ray.io import schema
+from dtd_ray.io import storage
 
 C, M, K2 = 4, 16, 3
 IDX = np.arange(C * K2).reshape(C, K2)  # class c -> features 3c, 3c+1, 3c+2
@@ -213,7 +217,7 @@ def test_head_trainable_reports_checkpoints_and_resumes(ray_local, toy, tmp_path
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 3-class 32-px imagefolder and a randomly initialised cifar_resnet20 in the public checkpoint format."""
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     root = tmp_path_factory.mktemp("tiny_retrain")
     rng = np.random.default_rng(0)
@@ -231,8 +235,8 @@ def tiny(tmp_path_factory):
 
 
 def test_evaluate_backbone_with_a_full_map_equals_the_full_head(tiny):
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import parse_source
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source
 
     bb = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th"))
     rows = parse_source(f"imagefolder:{tiny / 'data'}").read_numpy("test")
@@ -245,8 +249,8 @@ def test_evaluate_backbone_with_a_full_map_equals_the_full_head(tiny):
 
 
 def test_finetune_epoch_trains_the_backbone_and_keeps_the_map(tiny):
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import parse_source
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source
 
     torch.manual_seed(0)
     bb = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th"))
@@ -264,7 +268,7 @@ def test_finetune_epoch_trains_the_backbone_and_keeps_the_map(tiny):
 
 
 def test_finetune_trainable_one_epoch_end_to_end_and_resume(ray_local, tiny, tmp_path):
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     idx = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     space = {"model": "cifar_resnet20", "weights": str(tiny / "ckpt.th"), "dataset": f"imagefolder:{tiny / 'data'}",

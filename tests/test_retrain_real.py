@@ -17,8 +17,11 @@ import pytest
 import torch
 from conftest import UPSTREAM_DTD_DIR, needs_shared_data
 
-from dtd_ray import records, reduce, retrain, schema
-from dtd_ray.decompose import load_head
+from dtd_ray.io import records
+from dtd_ray.io import tables
+from dtd_ray.train import retrain
+from dtd_ray.io import schema
+from dtd_ray.models.linear_head import load_head
 
 pytestmark = needs_shared_data()
 
@@ -27,7 +30,7 @@ PUBLISHED_DECOMPOSED = 88.59
 
 
 def _published_map() -> np.ndarray:
-    return reduce.read_map_json(str(UPSTREAM_DTD_DIR / "resnet20_cifar-10_indices.json"), num_classes=10, feature_dim=64)
+    return tables.read_map_json(str(UPSTREAM_DTD_DIR / "resnet20_cifar-10_indices.json"), num_classes=10, feature_dim=64)
 
 
 def test_head_only_retraining_reaches_target_in_seconds(cifar10_resnet20_records):

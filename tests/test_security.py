@@ -213,7 +213,7 @@ def test_cifar_unpickler_is_the_only_unpickler_and_is_restricted():
     import io
     import pickle
 
-    from dtd_ray.datasets import _CifarUnpickler
+    from dtd_ray.data.sources import _CifarUnpickler
 
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         _CifarUnpickler(io.BytesIO(pickle.dumps(print, protocol=2))).load()

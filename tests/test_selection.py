@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dtd_ray import reduce, schema, selection
-from dtd_ray.selection import K1_NOT_APPLICABLE
+from dtd_ray.core import counting
+from dtd_ray.io import tables
+from dtd_ray.io import schema
+from dtd_ray.core import selection
+from dtd_ray.core.selection import K1_NOT_APPLICABLE
 
 
-def tables(counts, mass=None, n=None, feature_sum=None):
+def freq_tables(counts, mass=None, n=None, feature_sum=None):
     counts = np.asarray(counts, dtype=np.int32)[None]
     C = counts.shape[1]
-    return reduce.FreqTables(
+    return counting.FreqTables(
         k1_grid=np.array([3]),
         counts=counts,
         n_instances=np.asarray(n if n is not None else [5] * C, dtype=np.int64),
@@ -26,7 +29,7 @@ def tables(counts, mass=None, n=None, feature_sum=None):
 
 
 def test_frequency_ranks_by_count():
-    ft = tables([[0, 4, 1, 3, 2], [5, 0, 0, 1, 2]], mass=np.zeros((2, 5)))
+    ft = freq_tables([[0, 4, 1, 3, 2], [5, 0, 0, 1, 2]], mass=np.zeros((2, 5)))
     cm = selection.select_frequency(freq=ft, k1=3, k2=3)
     np.testing.assert_array_equal(cm.idx, [[1, 3, 4], [0, 4, 3]])
     np.testing.assert_array_equal(cm.count, [[4, 3, 2], [5, 2, 1]])
@@ -38,10 +41,10 @@ def test_frequency_tie_break_mass_then_lower_index():
     # class 1: all counts tie and all masses tie → lower index first
     counts = [[0, 2, 2, 2, 1], [1, 1, 1, 1, 1]]
     mass = [[9.0, 1.0, 1.0, 5.0, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
-    cm = selection.select_frequency(freq=tables(counts, mass), k1=3, k2=3)
+    cm = selection.select_frequency(freq=freq_tables(counts, mass), k1=3, k2=3)
     np.testing.assert_array_equal(cm.idx, [[3, 1, 2], [0, 1, 2]])
     # without mass (tables read back from freq/) ties fall to the lower index
-    cm = selection.select_frequency(freq=tables(counts), k1=3, k2=3)
+    cm = selection.select_frequency(freq=freq_tables(counts), k1=3, k2=3)
     np.testing.assert_array_equal(cm.idx, [[1, 2, 3], [0, 1, 2]])
 
 
@@ -49,7 +52,7 @@ def test_frequency_prefix_is_nested_and_equals_direct_selection():
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 4, (6, 40))  # many ties
     mass = rng.integers(0, 3, (6, 40)).astype(float)  # ties in mass too
-    ft = tables(counts, mass)
+    ft = freq_tables(counts, mass)
     full = selection.select_frequency(freq=ft, k1=3, k2=3)
     # reference: a plain lexsort on (count desc, mass desc, index asc)
     ref = np.lexsort((np.broadcast_to(np.arange(40), (6, 40)), -mass, -counts), axis=-1)[:, :3]
@@ -67,7 +70,7 @@ def test_frequency_on_reduced_records_hand_case():
     # 0 and 1 tie in count and in mass (3.0 each) → lower index 0
     idx = np.array([[2, 0, 1], [2, 1, 3], [3, 2, 0]], dtype=np.int32)
     val = np.array([[5.0, 3.0, 1.0], [4.0, 2.0, 1.0], [6.0, 2.0, 1.0]], dtype=np.float32)
-    ft = reduce.reduce_arrays(labels=np.array([0, 0, 1]), topk_idx=idx, topk_val=val, num_classes=2, feature_dim=4)
+    ft = counting.reduce_arrays(labels=np.array([0, 0, 1]), topk_idx=idx, topk_val=val, num_classes=2, feature_dim=4)
     cm = selection.select_frequency(freq=ft, k1=2, k2=2)
     np.testing.assert_array_equal(cm.idx, [[2, 0], [3, 2]])
     cm = selection.select_frequency(freq=ft, k1=3, k2=2)  # counts 1:2, 2:2 → mass 9 (feature 2) first
@@ -75,14 +78,14 @@ def test_frequency_on_reduced_records_hand_case():
 
 
 def test_frequency_bad_k_and_empty_class():
-    ft = tables([[1, 2, 3, 0], [1, 1, 1, 1]])
+    ft = freq_tables([[1, 2, 3, 0], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match="k2=4 > k1=3"):
         selection.select_frequency(freq=ft, k1=3, k2=4)
     with pytest.raises(ValueError, match="not ≥ 1"):
         selection.select_frequency(freq=ft, k1=3, k2=0)
     with pytest.raises(ValueError, match="not in the reduced grid"):
         selection.select_frequency(freq=ft, k1=2, k2=2)
-    empty = tables([[1, 2, 3, 0], [0, 0, 0, 0]], n=[3, 0])
+    empty = freq_tables([[1, 2, 3, 0], [0, 0, 0, 0]], n=[3, 0])
     with pytest.raises(ValueError, match=r"class\(es\) \[1\] have no selection instances"):
         selection.select_frequency(freq=empty, k1=3, k2=2)
 
@@ -119,7 +122,7 @@ def test_contribution_from_reduced_feature_sums():
     y = rng.integers(0, 3, 60).astype(np.int32)
     w = rng.standard_normal((3, 8))
     idx = np.argsort(-f, axis=1, kind="stable")[:, :8].astype(np.int32)
-    ft = reduce.reduce_arrays(labels=y, topk_idx=idx, topk_val=np.take_along_axis(f, idx, 1), features=f,
+    ft = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=np.take_along_axis(f, idx, 1), features=f,
                               num_classes=3, feature_dim=8, with_feature_sums=True)
     (cm,) = selection.select_maps(strategies=["contribution"], freq=ft, weight=w, k2_max=4)
     for c in range(3):
@@ -155,7 +158,7 @@ def test_select_maps_structure_and_table_round_trip():
     f = rng.random((120, 10))
     y = rng.integers(0, 3, 120).astype(np.int32)
     idx = np.argsort(-f, axis=1, kind="stable")[:, :6].astype(np.int32)
-    ft = reduce.reduce_arrays(labels=y, topk_idx=idx, topk_val=np.take_along_axis(f, idx, 1), features=f,
+    ft = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=np.take_along_axis(f, idx, 1), features=f,
                               num_classes=3, feature_dim=10, with_feature_sums=True)
     w = rng.standard_normal((3, 10))
     maps = selection.select_maps(strategies=selection.STRATEGIES, freq=ft, weight=w, seed=0)
@@ -165,17 +168,17 @@ def test_select_maps_structure_and_table_round_trip():
     assert [(m.strategy, m.k1, m.k2) for m in others] == [
         ("weight_l1", -1, 6), ("contribution", -1, 6), ("random", -1, 6)
     ]
-    table = selection.maps_to_table(maps, model="toy")
+    table = tables.maps_to_table(maps, model="toy")
     assert table.schema.equals(schema.MAPS_SCORED_SCHEMA)
     assert table.num_rows == sum(m.idx.size for m in maps)
     df = table.to_pandas()
     assert df[df.strategy == "frequency"]["count"].notna().all() and df[df.strategy != "frequency"]["count"].isna().all()
     for m in maps:
         for k2 in (1, m.k2):
-            back = selection.map_from_table(table, strategy=m.strategy, k1=m.k1, k2=k2, num_classes=3)
+            back = tables.map_from_table(table, strategy=m.strategy, k1=m.k1, k2=k2, num_classes=3)
             np.testing.assert_array_equal(back.idx, m.idx[:, :k2])
     with pytest.raises(ValueError, match="no stored frequency map"):
-        selection.map_from_table(table, strategy="frequency", k1=3, k2=4)
+        tables.map_from_table(table, strategy="frequency", k1=3, k2=4)
     with pytest.raises(ValueError, match="unknown strategy"):
         selection.select_maps(strategies=["magic"], freq=ft, weight=w)
     with pytest.raises(ValueError, match="head weight has shape"):

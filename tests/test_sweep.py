@@ -20,7 +20,8 @@ import torch
 import yaml
 from PIL import Image
 
-from dtd_ray import sweep
+from dtd_ray.io import schema
+from dtd_ray.ray import cluster, sweep
 from dtd_ray.config import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_tiny_project(root: Path, *, per_class: int = 6) -> Path:
     """A 3-class 32-px image folder (train/test) and a random-init cifar_resnet20 checkpoint under ``root``."""
-    from dtd_ray.backbones import get_backbone
+    from dtd_ray.models.backbones import get_backbone
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -70,16 +71,6 @@ def tiny(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def test_parse_ks():
-    assert sweep.parse_ks("1..10,20") == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20]
-    assert sweep.parse_ks([5, 1, 5]) == [1, 5]
-    assert sweep.parse_ks(5) == [5]
-    assert sweep.parse_ks("5..20:5") == [5, 10, 15, 20]
-    for bad in ("0", "3..1", "a", None, "1..5:0"):
-        with pytest.raises(ValueError):
-            sweep.parse_ks(bad)
 
 
 def test_presets_ship_and_resolve():
@@ -219,13 +210,13 @@ def test_trial_ids_are_stable_and_ignore_resources():
 
 
 def test_trial_resources_are_decided_on_the_driver():
-    small = sweep.Cluster(cpus=2, gpus=0, nodes=1, cpus_per_node=2)
+    small = cluster.Cluster(cpus=2, gpus=0, nodes=1, cpus_per_node=2)
     head, ft = sweep.RetrainSpec(), sweep.RetrainSpec()
     res, conc, gpu, threads = sweep.trial_resources("head", head, small, use_gpu=False)
     assert res == {"cpu": 0.5, "gpu": 0.0} and conc == 2 and not gpu  # fractional CPUs on 2 cores
     res, conc, gpu, threads = sweep.trial_resources("finetune", ft, small, use_gpu=False)
     assert res["gpu"] == 0 and conc == 1 and threads == 2
-    big = sweep.Cluster(cpus=40, gpus=4, nodes=5, cpus_per_node=8)
+    big = cluster.Cluster(cpus=40, gpus=4, nodes=5, cpus_per_node=8)
     res, conc, gpu, _ = sweep.trial_resources("finetune", ft, big, use_gpu=True)
     assert res == {"cpu": 1.0, "gpu": 1.0} and gpu
     assert sweep.trial_resources("head", head, big, use_gpu=True)[0]["gpu"] == 0  # head-only never takes a GPU
@@ -242,7 +233,7 @@ def test_trials_rows_round_trip_atomically(tmp_path):
     assert sweep.finished_trial_ids(str(tmp_path)) == {"abc"}
     df = pd.read_parquet(tmp_path / "trials")  # pandas ignores _-prefixed files
     assert len(df) == 1 and df["acc_by_epoch"].iloc[0].tolist() == [80.0, 81.5]
-    assert pq.read_schema(path).equals(sweep.TRIALS_SCHEMA)
+    assert pq.read_schema(path).equals(schema.TRIALS_SCHEMA)
 
 
 # ----------------------------------------------------------------------------- end to end on local Ray
@@ -256,8 +247,8 @@ RETRAIN = {
 
 @pytest.fixture(scope="module")
 def swept(ray_local, tiny, tmp_path_factory):
-    """One sweep of the tiny project with all three retrain modes (needs dtd_ray.retrain)."""
-    pytest.importorskip("dtd_ray.retrain", reason="dtd_ray.retrain (the trainables) is not in this checkout")
+    """One sweep of the tiny project with all three retrain modes (needs dtd_ray.train.retrain)."""
+    pytest.importorskip("dtd_ray.train.retrain", reason="dtd_ray.train.retrain (the trainables) is not in this checkout")
     out = tmp_path_factory.mktemp("sweep_out")
     cfg = sweep.load_config(str(write_tiny_config(tiny, retrain=RETRAIN)), {"output": str(out)})
     res = sweep.run_sweep(cfg)
@@ -270,7 +261,7 @@ def test_sweep_end_to_end(swept):
     # none: k 1..3 × 2 strategies; head: k 2 × 2 strategies; finetune: k 2, frequency
     assert len(df) == 6 + 2 + 1 and df["trial_id"].is_unique
     assert df.groupby("retrain_mode").size().to_dict() == {"none": 6, "head": 2, "finetune": 1}
-    assert set(df.columns) == set(sweep.TRIALS_SCHEMA.names)
+    assert set(df.columns) == set(schema.TRIALS_SCHEMA.names)
     assert res["ran"] == {"none": 6, "head": 2, "finetune": 1} and res["skipped"] == 0
     ev = pd.read_parquet(out / "decompose" / "eval")
     for _, r in df.iterrows():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtd_ray.backbones import get_backbone
-from dtd_ray.train import TrainConfig, one_cycle_lr, run_train
+from dtd_ray.models.backbones import get_backbone
+from dtd_ray.train.backbone import TrainConfig, one_cycle_lr, run_train
 
 
 def test_one_cycle_lr_warms_up_then_decays_to_zero():

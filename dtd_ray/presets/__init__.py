@@ -1,1 +1,1 @@
-"""Named sweep configs (``<name>.yaml``), read by :func:`dtd_ray.sweep.load_config`."""
+"""Named sweep configs (``<name>.yaml``), read by :func:`dtd_ray.ray.sweep.load_config`."""

@@ -1,6 +1,6 @@
 """Retraining decomposed heads: head-only on cached features, and full fine-tuning through the head.
 
-The decomposed head (:class:`dtd_ray.heads.DecomposedHead`) computes, per class ``y``,
+The decomposed head (:class:`dtd_ray.core.heads.DecomposedHead`) computes, per class ``y``,
 
     z_y = b_y + Σ_{r<k2} Wg[y, r] · f[I_y[r]],      Wg[y, r] initialised to W[y, I_y[r]],
 
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtd_ray.heads import DecomposedHead, check_map
+from dtd_ray.core.heads import DecomposedHead, check_map
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def _prepared_batches(
     while torch works on this one. Rows that cannot be prepared are dropped (logged by
     ``prepare_batch``).
     """
-    from dtd_ray.datasets import prepare_batch
+    from dtd_ray.data.sources import prepare_batch
 
     cols = [k for k in ("sample_id", "label", "image", "path") if k in rows]
 
@@ -362,7 +362,7 @@ class _Runner:
     """Device, autocast and memory format of one fine-tuning run, and the batch → tensors step."""
 
     def __init__(self, *, backbone: nn.Module, device: Any, precision: str) -> None:
-        from dtd_ray.extract import normalize_images
+        from dtd_ray.models.runtime import normalize_images
 
         self.device = torch.device(device or "cpu")
         self.autocast_dtype = resolve_precision(precision, self.device)
@@ -581,7 +581,8 @@ def _report(metrics: dict[str, Any], files: Mapping[str, Any] | None) -> None:
 
 def _load_head_data(cfg: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
     """Features, labels and the original head (W, b): from ``data`` where given, else from the records."""
-    from dtd_ray import records, schema
+    from dtd_ray.io import records
+    from dtd_ray.io import schema
 
     out = dict(data)
     need_records = ("train_features" not in out) or (cfg["eval_split"] and "eval_features" not in out)
@@ -598,7 +599,7 @@ def _load_head_data(cfg: dict[str, Any], data: Mapping[str, Any]) -> dict[str, A
         r = records.load_records(cfg["records"], model=cfg["model"], split=cfg["eval_split"], columns=cols)
         out["eval_features"], out["eval_labels"] = r[schema.FEATURES], r[schema.LABEL]
     if need_head:
-        from dtd_ray.decompose import load_head
+        from dtd_ray.models.linear_head import load_head
 
         manifest = records.read_manifest(cfg["records"], model=cfg["model"], split=cfg["train_split"]) or {}
         out["weight"], out["bias"], source = load_head(manifest=manifest, head=cfg["head"])
@@ -707,8 +708,8 @@ def finetune_trainable(config: dict[str, Any]) -> None:
     """
     from ray import tune
 
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import parse_source
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source
 
     cfg = _config(config, FINETUNE_DEFAULTS, required=("idx", "dataset"), name="finetune_trainable")
     _set_threads(cfg["cpu_threads"])

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -47,6 +50,30 @@ def write_json(fs: pafs.FileSystem, path: str, obj: dict[str, Any]) -> None:
     else:  # object stores write whole objects: a put is already atomic
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
+    """Write ``table`` as one Parquet file at ``path``, atomically: readers see the whole file or none.
+
+    The one Parquet writer of the project. On a local disk the file is written under a
+    ``_tmp-…`` name in the same folder (pyarrow's dataset discovery ignores names that
+    start with ``_``) and renamed into place; an object store puts whole objects, so a
+    put is already atomic. Creates the parent folder. Returns ``path``.
+    """
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/_tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
+        try:
+            pq.write_table(table, tmp, filesystem=fs)
+            fs.move(tmp, path)
+        except BaseException:
+            if exists(fs, tmp):
+                fs.delete_file(tmp)
+            raise
+    else:
+        pq.write_table(table, path, filesystem=fs)
+    return path
 
 
 def remove_tree(fs: pafs.FileSystem, path: str) -> None:

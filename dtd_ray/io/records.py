@@ -1,19 +1,22 @@
 """Read and write extraction records (``records/model=…/split=…/``) as numpy arrays.
 
-The record columns are defined in :mod:`dtd_ray.schema`. A partition is finished
+The record columns are defined in :mod:`dtd_ray.io.schema`. A partition is finished
 when its ``_manifest.json`` exists; readers refuse unfinished partitions rather
 than return a partial table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from dtd_ray import schema, storage
+from dtd_ray.io import schema
+from dtd_ray.io import storage
 
 
 def _list_to_2d(col: pa.ChunkedArray | pa.Array, width: int | None = None) -> np.ndarray:
@@ -88,3 +91,29 @@ def load_records(
     table = ds.to_table(columns=cols)
     table = table.sort_by(schema.SAMPLE_ID)
     return table_to_records(table)
+
+
+def partition_info(root: str, *, model: str, split: str) -> tuple[str, Any, str, dict[str, Any]]:
+    manifest = read_manifest(root, model=model, split=split)
+    uri = partition_uri(root, model=model, split=split)
+    if manifest is None:
+        raise FileNotFoundError(f"no finished records at {uri} (no {schema.MANIFEST_NAME}); run jobs/extract.py first")
+    for key in ("kmax", "feature_dim", "num_classes"):
+        if key not in manifest:
+            raise ValueError(f"records manifest at {uri} lacks {key!r}")
+    fs, path = storage.resolve(uri)
+    return uri, fs, path, manifest
+
+
+def iter_record_batches(fs: Any, path: str, *, columns: list[str], batch_rows: int) -> Iterable[pa.RecordBatch]:
+    """The partition's rows, file by file and batch by batch, reading only ``columns``.
+
+    One ``ParquetFile.iter_batches`` at a time rather than a dataset scan: the scanner's
+    read-ahead over several files and row groups held ~1 GB for an ImageNet-size
+    partition, this holds about one row group.
+    """
+    files = sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
+    for file in files:
+        with fs.open_input_file(file) as fh:
+            pf = pq.ParquetFile(fh)
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)

@@ -4,27 +4,30 @@ The stages behind ``jobs/decompose.py`` (see its docstring for the output layout
 reduce the selection split's records to per-class frequency tables for a k1 grid,
 select the maps of every strategy, evaluate every (strategy, k1, k2 ≤ k1) decomposed
 head on the cached features of the evaluation split, and run the essentiality test
-and Ψ. Ray is used only for ``engine="ray"`` and ``extract_missing``, and only when
-the caller has started it.
+and Ψ. Ray is never imported here: ``engine="ray"`` and ``extract_missing`` run through
+the :class:`RayHooks` that :mod:`dtd_ray.ray.decompose` passes in.
 """
 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dtd_ray import analysis, heads, records, reduce, schema, selection, storage
 from dtd_ray import config as config_lib
+from dtd_ray.core import analysis, counting, heads, selection
+from dtd_ray.core.kgrid import parse_k_grid
+from dtd_ray.io import records, schema, storage, tables
+from dtd_ray.models.linear_head import load_head
+from dtd_ray.stages import reduce as stage_reduce
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class DecomposeConfig:
     @property
     def select_key(self) -> str:
         """The records split the maps come from (``train_aug0`` for an augmented pass with seed 0)."""
-        return f"{self.select_split}_aug{self.select_seed}" if self.select_augment else self.select_split
+        return schema.split_key(self.select_split, augment=self.select_augment, seed=self.select_seed)
 
     @property
     def select_stem(self) -> str:
@@ -95,31 +98,26 @@ class DecomposeConfig:
 # --------------------------------------------------------------------------- inputs
 
 
-def load_head(*, manifest: dict[str, Any], head: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(W, b, source)`` of the final linear layer the records were extracted with.
+@dataclass(frozen=True)
+class RayHooks:
+    """The two steps of a decomposition that run on Ray, passed in by :mod:`dtd_ray.ray.decompose`.
 
-    From ``head`` (an .npz with ``weight``/``bias``) when given, else from the backbone
-    the records' manifest names (``config.model``, ``config.weights``,
-    ``config.normalization``). Kept small so another head source is easy to add.
+    This module never imports Ray: ``reduce`` is the Ray Data reduce (``engine="ray"``) and
+    ``extract_select`` makes a missing augmented selection pass (``extract_missing``).
     """
-    if head:
-        fs, path = storage.resolve(head)
-        with fs.open_input_file(path) as f:
-            z = np.load(f)
-            w, b = np.asarray(z["weight"], dtype=np.float64), np.asarray(z["bias"], dtype=np.float64)
-        return w, b, head
-    cfg = manifest.get("config") or {}
-    if "model" not in cfg:
-        raise ValueError("the records' manifest names no backbone (config.model); pass --head W,b.npz")
-    from dtd_ray.backbones import get_backbone
 
-    bb = get_backbone(cfg["model"], weights=cfg.get("weights"), normalization=cfg.get("normalization"))
-    w = bb.head.weight.detach().double().numpy()
-    b = bb.head.bias.detach().double().numpy()
-    return w, b, f"backbone {cfg['model']} weights={cfg.get('weights')!r}"
+    reduce: Callable[..., counting.FreqTables]
+    extract_select: Callable[["DecomposeConfig", dict[str, Any]], dict[str, Any]]
 
 
-def ensure_select_records(cfg: DecomposeConfig, eval_manifest: dict[str, Any]) -> dict[str, Any]:
+def _need_hooks(hooks: RayHooks | None, what: str) -> RayHooks:
+    if hooks is None:
+        raise RuntimeError(f"{what} runs on Ray: use jobs/decompose.py or dtd_ray.ray.decompose.run_decompose")
+    return hooks
+
+
+def ensure_select_records(cfg: DecomposeConfig, eval_manifest: dict[str, Any], *,
+                          hooks: RayHooks | None = None) -> dict[str, Any]:
     """The selection partition's manifest; runs the augmented extraction if asked and missing."""
     man = records.read_manifest(cfg.records, model=cfg.model, split=cfg.select_key)
     if man is not None:
@@ -127,42 +125,13 @@ def ensure_select_records(cfg: DecomposeConfig, eval_manifest: dict[str, Any]) -
     hint = ""
     if cfg.select_augment:
         if cfg.extract_missing:
-            return _extract_augmented(cfg, eval_manifest)
+            return _need_hooks(hooks, "--extract_missing").extract_select(cfg, eval_manifest)
         hint = (
             f"; run jobs/extract.py --splits {cfg.select_split} --augment {cfg.select_augment} "
             f"--seed {cfg.select_seed} (or pass --extract_missing)"
         )
     uri = records.partition_uri(cfg.records, model=cfg.model, split=cfg.select_key)
     raise FileNotFoundError(f"no finished records at {uri}{hint}")
-
-
-def _extract_augmented(cfg: DecomposeConfig, eval_manifest: dict[str, Any]) -> dict[str, Any]:
-    import ray
-
-    from dtd_ray.extract import ExtractConfig, run_extract
-
-    src = dict(eval_manifest.get("config") or {})
-    keep = {f.name for f in dataclasses.fields(ExtractConfig)}
-    src = {k: v for k, v in src.items() if k in keep}
-    src.update(
-        splits=(cfg.select_split,),
-        augment=cfg.select_augment,
-        seed=cfg.select_seed,
-        output=cfg.records.rstrip("/").rsplit("/", 1)[0] if cfg.records.rstrip("/").endswith("records") else cfg.records,
-        tag=cfg.model,
-        overwrite=False,
-    )
-    _require_ray(ray, "--extract_missing")
-    run_extract(ExtractConfig(**src))
-    man = records.read_manifest(cfg.records, model=cfg.model, split=cfg.select_key)
-    if man is None:
-        raise FileNotFoundError(f"the augmented extraction did not produce split {cfg.select_key}")
-    return man
-
-
-def _require_ray(ray, what: str) -> None:
-    if not ray.is_initialized():
-        raise RuntimeError(f"{what} needs a running Ray (the entry point calls ray.init)")
 
 
 def needs_ray(cfg: DecomposeConfig) -> bool:
@@ -188,7 +157,7 @@ def check_shapes(*, w: np.ndarray, b: np.ndarray, manifests: dict[str, dict[str,
 # --------------------------------------------------------------------------- stages
 
 
-def reduce_stage(cfg: DecomposeConfig, *, grid: np.ndarray) -> reduce.FreqTables:
+def reduce_stage(cfg: DecomposeConfig, *, grid: np.ndarray, hooks: RayHooks | None = None) -> counting.FreqTables:
     kw = dict(
         model=cfg.model,
         split=cfg.select_key,
@@ -197,17 +166,14 @@ def reduce_stage(cfg: DecomposeConfig, *, grid: np.ndarray) -> reduce.FreqTables
         with_feature_sums="contribution" in cfg.strategies,
     )
     if cfg.engine == "ray":
-        import ray
-
-        _require_ray(ray, "engine='ray'")
-        return reduce.reduce_ray(cfg.records, **kw)
-    return reduce.reduce_partition(cfg.records, **kw)
+        return _need_hooks(hooks, "engine='ray'").reduce(cfg.records, **kw)
+    return stage_reduce.reduce_partition(cfg.records, **kw)
 
 
 def imported_maps(cfg: DecomposeConfig, *, C: int, m: int) -> list[selection.ClassMap]:
     out = []
     for path in cfg.maps_json:
-        idx = reduce.read_map_json(path, num_classes=C, feature_dim=m)
+        idx = tables.read_map_json(path, num_classes=C, feature_dim=m)
         stem = os.path.basename(path).rsplit(".", 1)[0]
         out.append(selection.imported_map(idx, name=f"json:{stem}"))
     return out
@@ -285,7 +251,7 @@ def analysis_stage(
 
 def _print_ks(cfg: DecomposeConfig, grid: np.ndarray) -> list[int]:
     if cfg.print_k is not None:
-        return [int(k) for k in reduce.parse_k1_grid(cfg.print_k, kmax=int(grid[-1]))]
+        return [int(k) for k in parse_k_grid(cfg.print_k, kmax=int(grid[-1]), name="k1")]
     nice = {1, 2, 3, 5, 8, 10, 16, 20, 32, 50, 64, 100, 128, 200, 256, 500, 512, 1000, 1024, 2048}
     g = [int(k) for k in grid]
     return g if len(g) <= 12 else [k for k in g if k in nice or k == g[-1]]
@@ -307,14 +273,15 @@ def comparison_tables(df: pd.DataFrame, ks: list[int], strategies: tuple[str, ..
 
 def _write_parquet(table: pa.Table, root: str, rel: str) -> str:
     fs, path = storage.resolve(root)
-    target = f"{path}/{rel}"
-    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, target, filesystem=fs)
-    return target
+    return storage.write_parquet(fs, f"{path}/{rel}", table)
 
 
-def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
-    """The whole job; returns a summary with the evaluation DataFrame under ``"eval"``."""
+def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dict[str, Any]:
+    """The whole job; returns a summary with the evaluation DataFrame under ``"eval"``.
+
+    ``hooks`` carries the Ray steps (``engine="ray"``, ``extract_missing``); without them
+    those options are refused in one line.
+    """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     storage.check_writable(cfg.output)
@@ -322,17 +289,17 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
     if eval_man is None:
         uri = records.partition_uri(cfg.records, model=cfg.model, split=cfg.split)
         raise FileNotFoundError(f"no finished records at {uri}; run jobs/extract.py first")
-    sel_man = ensure_select_records(cfg, eval_man)
+    sel_man = ensure_select_records(cfg, eval_man, hooks=hooks)
     w, b, head_source = load_head(manifest=sel_man, head=cfg.head)
     C, m = check_shapes(w=w, b=b, manifests={cfg.split: eval_man, cfg.select_key: sel_man})
     kmax = int(sel_man["kmax"])
-    grid = reduce.parse_k1_grid(cfg.k1, kmax=kmax)
+    grid = np.asarray(parse_k_grid(cfg.k1, kmax=kmax, name="k1"), dtype=np.int64)
     for option in ("export_json", "print_k"):  # checked now: a late error would follow overwritten files
         spec = getattr(cfg, option)
         if spec is None:
             continue
         try:
-            ks = reduce.parse_k1_grid(spec, kmax=np.iinfo(np.int32).max)
+            ks = parse_k_grid(spec, name="k")
         except ValueError as e:
             raise ValueError(f"{option}={spec!r}: {e}") from None
         if ks[-1] > grid[-1]:
@@ -348,7 +315,7 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    freq = reduce_stage(cfg, grid=grid)
+    freq = reduce_stage(cfg, grid=grid, hooks=hooks)
     timings["reduce"] = time.perf_counter() - t
     warnings = list(freq.warnings)
 
@@ -390,11 +357,11 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
     # ---- write: data files first, the manifest last
     written = {
         "freq": _write_parquet(
-            reduce.freq_to_table(freq, model=cfg.model), cfg.output,
+            tables.freq_to_table(freq, model=cfg.model), cfg.output,
             f"freq/{cfg.select_partition}/{cfg.model}.parquet",
         ),
         "maps": _write_parquet(
-            selection.maps_to_table(maps, model=cfg.model), cfg.output,
+            tables.maps_to_table(maps, model=cfg.model), cfg.output,
             f"maps/{cfg.select_partition}/{cfg.model}.parquet",
         ),
         "eval": _write_parquet(
@@ -493,7 +460,7 @@ def print_report(
 
 def export_json(cfg: DecomposeConfig, *, maps: list[selection.ClassMap], kmax: int) -> list[str]:
     """Write each strategy's map at k1 = k2 = k for the requested k as reference JSON."""
-    ks = [int(k) for k in reduce.parse_k1_grid(cfg.export_json, kmax=kmax)]
+    ks = [int(k) for k in parse_k_grid(cfg.export_json, kmax=kmax, name="k1")]
     fs, path = storage.resolve(cfg.output)
     out = []
     for cm in maps:
@@ -504,6 +471,6 @@ def export_json(cfg: DecomposeConfig, *, maps: list[selection.ClassMap], kmax: i
                 continue
             k1 = k if cm.k1 != selection.K1_NOT_APPLICABLE else "na"
             target = f"{path}/json/{cfg.select_stem}/{cfg.model}_{cm.strategy}_{k1}_{k}_indices.json"
-            reduce.write_map_json(target, cm.top(k).idx)
+            tables.write_map_json(target, cm.top(k).idx)
             out.append(target)
     return out

@@ -1,7 +1,5 @@
-"""Analyses of class maps: head cost, channel usage, essentiality, and Ψ.
+"""Analyses of class maps: channel usage, essentiality, and Ψ.
 
-* :func:`head_macs` — multiply-adds per instance of the full head (``C·m``) and of the
-  decomposed head (``C·k2``); bias additions are not counted in either.
 * :func:`channel_usage` / :func:`pruning_summary` — how many classes use each channel;
   channels no class uses (``m − |∪_y I_y|``) are what pruning the last block could remove.
 * :func:`essentiality_test` — the paper's test: for the instances of class ``y``, replace
@@ -26,27 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtd_ray import heads
+from dtd_ray.core import heads
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- cost
-
-
-def head_macs(*, num_classes: int, feature_dim: int, k2: int | None = None) -> dict[str, Any]:
-    """``{"full": C·m, "decomposed": C·k2, "ratio": k2/m}`` multiply-adds per instance."""
-    if k2 is not None and not 1 <= k2 <= feature_dim:
-        raise ValueError(f"k2={k2} is outside [1, {feature_dim}] (the feature dimension)")
-    full = int(num_classes) * int(feature_dim)
-    out: dict[str, Any] = {"full": full}
-    if k2 is not None:
-        out["decomposed"] = int(num_classes) * int(k2)
-        out["ratio"] = out["decomposed"] / full
-    return out
-
-
-# --------------------------------------------------------------------------- channels
 
 
 def channel_usage(*, idx: Any, feature_dim: int) -> np.ndarray:
@@ -242,22 +225,3 @@ def block_channel_norms(
         for h in handles:
             h.remove()
     return {b: (np.concatenate(v) if v else np.zeros((0, 0))) for b, v in acc.items()}
-
-
-def psi_for_blocks(
-    *,
-    backbone: Any,
-    batches: Iterable[torch.Tensor],
-    labels: Any,
-    num_classes: int,
-    q: float = 0.9,
-    blocks: Sequence[str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """:func:`psi_by_class` of the per-channel L1 norms of each named block (last block and earlier ones).
-
-    ``batches`` must yield the instances of ``labels`` in order. For the last block the
-    result equals Ψ of the pooled features when the block ends in a ReLU (the L1 norm
-    of a non-negative map is ``H·W`` times its average).
-    """
-    norms = block_channel_norms(backbone=backbone, batches=batches, blocks=blocks)
-    return {name: psi_by_class(values=v, labels=labels, num_classes=num_classes, q=q) for name, v in norms.items()}

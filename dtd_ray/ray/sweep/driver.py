@@ -4,25 +4,25 @@ The main job of dtd-ray (``jobs/sweep.py``). A config (a named preset shipped in
 ``dtd_ray/presets/`` or a YAML file, plus command-line overrides) lists the models,
 datasets, the k grid, the selection strategies and the retrain modes. The driver
 
-1. extracts the records of every (model, dataset) *unit* (``dtd_ray.extract``;
+1. extracts the records of every (model, dataset) *unit* (``dtd_ray.ray.extract``;
    finished partitions are skipped),
-2. decomposes each unit once for the whole grid (``dtd_ray.decompose``: freq/, maps/,
+2. decomposes each unit once for the whole grid (``dtd_ray.stages.decompose``: freq/, maps/,
    eval/ for every strategy and every k1, k2 ≤ k1; skipped when done with the same
    config and the same records),
 3. runs the trials: one per (unit, strategy, k, retrain mode) with k1 = k2 = k for
    ``frequency`` (k1 = -1 for the k1-independent strategies). Mode ``none`` is the
    decomposed head evaluated on cached features: its rows come straight from
    decompose's evaluation, no Tune trial. Modes ``head`` and ``finetune`` are Ray Tune
-   trials of :mod:`dtd_ray.retrain`'s trainables (per-epoch reports, checkpoints),
+   trials of :mod:`dtd_ray.train.retrain`'s trainables (per-epoch reports, checkpoints),
 4. prints a summary table.
 
 Output layout under ``<output>``::
 
     sweep_config.json                     the resolved config of the last run, its units and trial counts
-    records/model=<key>/split=<split>/    extraction records (see dtd_ray.extract)
+    records/model=<key>/split=<split>/    extraction records (see dtd_ray.ray.extract)
     decompose/{freq,maps,eval,analysis}/  the reduce and the grid evaluation (see jobs/decompose.py)
     decompose/_sweep/<key>.json           the decompose config and records hashes a rerun compares
-    trials/<trial_id>.parquet             one row per finished trial (TRIALS_SCHEMA)
+    trials/<trial_id>.parquet             one row per finished trial (schema.TRIALS_SCHEMA)
     tune/<experiment>/                    Ray Tune's experiment folders (checkpoints, logs)
 
 Resume: every stage is idempotent. ``trial_id`` is a hash of what a trial computes (its
@@ -49,63 +49,25 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dtd_ray.io import tables
 from dtd_ray import config as config_lib
-from dtd_ray import records, schema, selection, storage
+from dtd_ray.core.kgrid import parse_k_grid
+from dtd_ray.ray import cluster
+from dtd_ray.io import records
+from dtd_ray.io import schema
+from dtd_ray.core import selection
+from dtd_ray.io import storage
 
 log = logging.getLogger(__name__)
 
 RETRAIN_MODES = ("none", "head", "finetune")
-TRIALS_SCHEMA_VERSION = 1
-
-# --- trials/<trial_id>.parquet : one row per finished trial (sweep) ------------------
-# Accuracies are in percent (0–100), as the trainables report them; note that eval/
-# (decompose) stores fractions. k1 is -1 for strategies whose map does not depend on k1.
-TRIALS_SCHEMA = pa.schema(
-    [
-        pa.field("trial_id", pa.string()),  # stable hash of what the trial computes
-        pa.field("sweep", pa.string()),  # the sweep's name (preset or file name)
-        pa.field("model", pa.string()),  # records partition key (the model entry's tag)
-        pa.field("backbone", pa.string()),  # backbone registry name
-        pa.field("weights", pa.string()),  # weights as configured
-        pa.field("dataset", pa.string()),  # short dataset name (cifar10, fashion-mnist, imagenet, …)
-        pa.field("dataset_uri", pa.string()),  # the dataset source as configured
-        pa.field("select_split", pa.string()),  # records split the maps were selected from
-        pa.field("eval_split", pa.string()),  # split every accuracy is measured on
-        pa.field("correct_only", pa.bool_()),  # selection counted only correctly classified instances
-        pa.field("strategy", pa.string()),
-        pa.field("k1", pa.int32()),
-        pa.field("k2", pa.int32()),
-        pa.field("retrain_mode", pa.string()),  # none | head | finetune
-        pa.field("epochs", pa.int32()),  # 0 for mode none
-        pa.field("lr", pa.float64()),  # null for mode none
-        pa.field("batch_size", pa.int32()),
-        pa.field("weight_decay", pa.float64()),
-        pa.field("seed", pa.int32()),
-        pa.field("n_eval", pa.int64()),  # instances of eval_split in the records
-        pa.field("acc_full", pa.float64()),  # the original head on eval_split (cached features)
-        pa.field("acc_decomposed", pa.float64()),  # the decomposed head before any training (cached features)
-        pa.field("acc_decomposed_init", pa.float64()),  # the trainable's own measurement before training
-        pa.field("acc_retrained", pa.float64()),  # after the last epoch (null for mode none)
-        pa.field("acc_by_epoch", pa.list_(pa.float64())),  # eval accuracy after each epoch
-        pa.field("loss", pa.float64()),  # training loss of the last epoch
-        pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
-        pa.field("head_macs_decomposed", pa.int64()),  # C·k2
-        pa.field("channels_used", pa.int32()),  # |∪_y I_y|
-        pa.field("seconds", pa.float64()),  # trial wall time (null for mode none)
-        pa.field("use_gpu", pa.bool_()),
-        pa.field("checkpoint", pa.string()),  # the trial's last checkpoint (null for mode none)
-        pa.field("config", pa.string()),  # JSON: everything the trial_id hashes, plus the trainable's config
-        pa.field("finished_at", pa.string()),  # UTC, ISO 8601
-    ]
-)
-
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
 class ModelSpec:
-    name: str = "cifar_resnet20"  # backbone registry name (dtd_ray.backbones.list_backbones())
+    name: str = "cifar_resnet20"  # backbone registry name (dtd_ray.models.backbones.list_backbones())
     weights: str | None = "default"  # "default", a checkpoint file (may use ${data_root}), an http(s) URL, "torchvision:<ENUM>", null (random init)
     normalization: str | None = None  # override the weights' mean/std: cifar10, imagenet, cifar100, fashion-mnist
     tag: str | None = None  # records partition and `model` column (default: name); unique within a sweep
@@ -221,39 +183,6 @@ def _as_bool(v: Any, name: str, *, allow_none: bool = False) -> bool | None:
     raise ValueError(f"{name} must be true or false{' (or null)' if allow_none else ''}, got {v!r}")
 
 
-def parse_ks(spec: Any) -> list[int]:
-    """The sorted unique k values of ``spec``: an int, a list, or ``"1..10,20"``-style parts
-    (each part ``a``, ``a..b`` or ``a..b:step``)."""
-    if spec is None:
-        raise ValueError("the k grid is empty")
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-        parts: list[Any] = [int(spec)]
-    elif isinstance(spec, str):
-        parts = [p for p in spec.replace(" ", "").split(",") if p]
-    elif isinstance(spec, (list, tuple)):
-        parts = list(spec)
-    else:
-        raise ValueError(f"k grid {spec!r} is not a list, an int or 'a..b,c' text")
-    out: set[int] = set()
-    for p in parts:
-        if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
-            out.add(int(p))
-            continue
-        s = str(p)
-        m = re.fullmatch(r"(\d+)(?:\.\.(\d+)(?::(\d+))?)?", s)
-        if not m:
-            raise ValueError(f"k grid part {s!r} is not 'a', 'a..b' or 'a..b:step'")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) else lo
-        step = int(m.group(3) or 1)
-        if hi < lo or step < 1:
-            raise ValueError(f"k grid part {s!r}: need a ≤ b and step ≥ 1")
-        out.update(range(lo, hi + 1, step))
-    if not out or min(out) < 1:
-        raise ValueError(f"k grid {spec!r}: every k must be ≥ 1")
-    return sorted(out)
-
-
 def list_presets() -> list[str]:
     from importlib import resources
 
@@ -346,7 +275,7 @@ def load_config(spec: str = "quickstart", overrides: dict[str, Any] | None = Non
         merged["name"] = name
     cfg = SweepConfig(config=spec, **merged)
     resolve_models(cfg)  # fail early on a bad model entry
-    resolve_retrain(cfg, parse_ks(cfg.k))
+    resolve_retrain(cfg, parse_k_grid(cfg.k, name="k"))
     return cfg
 
 
@@ -419,7 +348,7 @@ def resolve_retrain(cfg: SweepConfig, grid: list[int]) -> dict[str, RetrainSpec]
         if spec.precision not in (None, "auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"retrain.{mode}.precision must be auto, fp32, bf16 or fp16, got {spec.precision!r}")
         if spec.k is not None:
-            spec.k = parse_ks(spec.k)
+            spec.k = parse_k_grid(spec.k, name=f"retrain.{mode}.k")
         bad = [s for s in (spec.strategies or ()) if s not in selection.STRATEGIES]
         if bad:
             raise ValueError(f"retrain.{mode}.strategies: unknown strategy {bad[0]!r}; "
@@ -513,7 +442,7 @@ def resolve_output(cfg: SweepConfig) -> str:
 def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, strategy: str, k: int) -> dict[str, Any]:
     k1 = selection.K1_NOT_APPLICABLE if strategy in selection.K1_INDEPENDENT else k
     ident: dict[str, Any] = {
-        "v": TRIALS_SCHEMA_VERSION,
+        "v": schema.TRIALS_SCHEMA_VERSION,
         "model": unit.key,
         "backbone": unit.model.name,
         "weights": unit.model.weights,
@@ -543,11 +472,11 @@ def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> Plan:
     """Validate the whole sweep and list its units and trials, before Ray starts.
 
     With ``check_inputs`` also checks checkpoints, datasets, splits and the output
-    (``dtd_ray.extract.check_extract``): a missing checkpoint is one clear line.
+    (``dtd_ray.ray.extract.check_extract``): a missing checkpoint is one clear line.
     """
     if not cfg.name:
         cfg.name = "sweep"  # built directly rather than by load_config
-    grid = parse_ks(cfg.k)
+    grid = parse_k_grid(cfg.k, name="k")
     strategies = tuple(cfg.strategies)
     bad = [s for s in strategies if s not in selection.STRATEGIES]
     if bad or not strategies:
@@ -605,7 +534,7 @@ def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> Plan:
 
 
 def _check_inputs(plan: Plan) -> None:
-    from dtd_ray.extract import check_extract
+    from dtd_ray.ray.extract import check_extract
 
     cfg = plan.cfg
     job_hint = ""
@@ -630,7 +559,7 @@ def _check_inputs(plan: Plan) -> None:
 
 
 def extract_config(plan: Plan, unit: Unit, *, use_gpu: bool | None = None):
-    from dtd_ray.extract import ExtractConfig
+    from dtd_ray.ray.extract import ExtractConfig
 
     cfg = plan.cfg
     splits = tuple(dict.fromkeys((cfg.train_split, cfg.eval_split)))
@@ -651,7 +580,7 @@ def extract_config(plan: Plan, unit: Unit, *, use_gpu: bool | None = None):
 
 
 def decompose_config(plan: Plan, unit: Unit):
-    from dtd_ray.decompose import DecomposeConfig
+    from dtd_ray.stages.decompose import DecomposeConfig
 
     cfg = plan.cfg
     grid = plan.grid
@@ -709,23 +638,14 @@ def finished_trial_ids(output: str) -> set[str]:
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    cols = {f.name: [r.get(f.name) for r in rows] for f in TRIALS_SCHEMA}
-    return pa.Table.from_pydict(cols, schema=TRIALS_SCHEMA)
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema.TRIALS_SCHEMA}
+    return pa.Table.from_pydict(cols, schema=schema.TRIALS_SCHEMA)
 
 
 def write_trial_row(output: str, row: dict[str, Any]) -> str:
     """Write one trial's row as ``trials/<trial_id>.parquet`` atomically; returns the path."""
     fs, path = storage.resolve(trials_root(output))
-    fs.create_dir(path, recursive=True)
-    target = f"{path}/{row['trial_id']}.parquet"
-    table = rows_to_table([row])
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}/_tmp-{row['trial_id']}-{os.getpid()}.parquet"
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, target)  # rename: readers see the whole file or none
-    else:  # object stores put whole objects
-        pq.write_table(table, target, filesystem=fs)
-    return target
+    return storage.write_parquet(fs, f"{path}/{row['trial_id']}.parquet", rows_to_table([row]))
 
 
 def read_trials(output: str, trial_ids: list[str] | None = None) -> pd.DataFrame:
@@ -735,7 +655,7 @@ def read_trials(output: str, trial_ids: list[str] | None = None) -> pd.DataFrame
         return rows_to_table([]).to_pandas()
     import pyarrow.dataset as pads
 
-    ds = pads.dataset(path, filesystem=fs, format="parquet", schema=TRIALS_SCHEMA)
+    ds = pads.dataset(path, filesystem=fs, format="parquet", schema=schema.TRIALS_SCHEMA)
     if trial_ids is not None:
         import pyarrow.compute as pc
 
@@ -752,64 +672,9 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-@dataclass
-class Cluster:
-    cpus: float
-    gpus: float
-    nodes: int
-    cpus_per_node: int
-
-
-def cluster_info() -> Cluster:
-    import ray
-
-    total = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    per = max(1, int(min(n["Resources"]["CPU"] for n in nodes))) if nodes else 1
-    return Cluster(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)), nodes=max(1, len(nodes)),
-                   cpus_per_node=per)
-
-
-def _autoscaler_max_gpus() -> float:
-    """GPUs the autoscaler could add (best effort; 0 where Ray does not say)."""
-    try:
-        from ray._private.state import state
-
-        mx = state.get_max_resources_from_cluster_config() or {}
-        return float(mx.get("GPU", 0))
-    except Exception:  # noqa: BLE001 - private API, absent or different in other Ray versions
-        return 0.0
-
-
-def decide_gpu(cfg: SweepConfig) -> bool:
-    """Whether this sweep uses GPUs; waits for the autoscaler where GPUs are wanted but none is up yet."""
-    import ray
-
-    info = cluster_info()
-    want = cfg.use_gpu
-    if want is None:
-        want = info.gpus > 0 or _autoscaler_max_gpus() > 0
-    if not want:
-        return False
-    if info.gpus > 0:
-        return True
-    from ray.autoscaler.sdk import request_resources
-
-    print(f"[sweep] waiting up to {cfg.gpu_wait_s:.0f} s for the autoscaler to add a GPU node", flush=True)
-    request_resources(bundles=[{"GPU": 1}])
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < cfg.gpu_wait_s:
-        if ray.cluster_resources().get("GPU", 0) > 0:
-            print(f"[sweep] a GPU node joined after {time.monotonic() - t0:.0f} s", flush=True)
-            return True
-        time.sleep(5)
-    raise RuntimeError(f"use_gpu=true but no GPU joined the cluster within {cfg.gpu_wait_s:.0f} s "
-                       "(check the autoscaler: `ray monitor cluster.yaml`)")
-
-
 def run_extraction(plan: Plan, units: list[Unit], *, use_gpu: bool) -> None:
     """Extract every unit's partitions (finished ones are skipped) before any trial starts."""
-    from dtd_ray.extract import run_extract
+    from dtd_ray.ray.extract import run_extract
 
     for u in units:
         print(f"[sweep] extract {u.key} ({u.model.name} on {u.dataset})", flush=True)
@@ -824,7 +689,7 @@ class Decomposed:
 
     def class_map(self, strategy: str, k1: int, k: int) -> np.ndarray:
         if isinstance(self.maps, pd.DataFrame):
-            return selection.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k).idx
+            return tables.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k).idx
         for cm in self.maps:
             if cm.strategy == strategy and cm.k1 == k1 and cm.k2 >= k:
                 return cm.top(k).idx
@@ -843,7 +708,7 @@ def _records_hashes(plan: Plan, unit: Unit) -> dict[str, Any]:
     out = {}
     splits = {cfg.train_split, cfg.eval_split}
     if cfg.select_augment:
-        splits.add(f"{cfg.train_split}_aug{cfg.seed}")
+        splits.add(schema.split_key(cfg.train_split, augment=cfg.select_augment, seed=cfg.seed))
     for s in sorted(splits):
         man = records.read_manifest(f"{plan.output}/records", model=unit.key, split=s)
         out[s] = None if man is None else man.get("config_hash")
@@ -852,7 +717,7 @@ def _records_hashes(plan: Plan, unit: Unit) -> dict[str, Any]:
 
 def run_decomposition(plan: Plan, unit: Unit) -> Decomposed:
     """Decompose one unit for the whole grid, or load the result of an identical earlier run."""
-    from dtd_ray.decompose import run_decompose
+    from dtd_ray.ray.decompose import run_decompose
 
     dcfg = decompose_config(plan, unit)
     fs, root = storage.resolve(dcfg.output)
@@ -880,7 +745,7 @@ def base_row(plan: Plan, unit: Unit, t: TrialSpec, dec: Decomposed) -> dict[str,
     cfg = plan.cfg
     ev = dec.eval_row(t.strategy, t.k1, t.k)
     spec = plan.modes[t.mode]
-    sel_split = cfg.train_split if not cfg.select_augment else f"{cfg.train_split}_aug{cfg.seed}"
+    sel_split = schema.split_key(cfg.train_split, augment=cfg.select_augment, seed=cfg.seed)
     return {
         "trial_id": t.trial_id,
         "sweep": cfg.name,
@@ -930,7 +795,7 @@ def write_eval_only_rows(plan: Plan, unit: Unit, dec: Decomposed, todo: set[str]
 
 def _run_trial(config: dict[str, Any], *, mode: str, params: dict[str, dict[str, Any]], data: dict | None = None) -> None:
     """The Tune trainable of every retrain trial: looks up the trial's config by its id."""
-    from dtd_ray import retrain
+    from dtd_ray.train import retrain
 
     p = params[config["trial_id"]]
     if mode == "head":
@@ -943,7 +808,7 @@ def _trial_name(trial) -> str:  # Tune names trial folders by this (stable, shor
     return str(trial.config["trial_id"])
 
 
-def trial_resources(mode: str, spec: RetrainSpec, info: Cluster, *, use_gpu: bool) -> tuple[dict[str, float], int, bool, int]:
+def trial_resources(mode: str, spec: RetrainSpec, info: cluster.Cluster, *, use_gpu: bool) -> tuple[dict[str, float], int, bool, int]:
     """``(resources, max_concurrent, trial_uses_gpu, cpu_threads)`` of a mode's trials.
 
     Decided here, on the driver: a GPU only for finetune and only where the cluster has
@@ -1004,7 +869,7 @@ def trainable_config(plan: Plan, unit: Unit, t: TrialSpec, idx: np.ndarray, *, u
 
 def head_data(plan: Plan, unit: Unit) -> dict[str, np.ndarray]:
     """Cached features, labels and the original head of one unit (put in the object store once)."""
-    from dtd_ray.decompose import load_head
+    from dtd_ray.models.linear_head import load_head
 
     root = f"{plan.output}/records"
     tr = records.load_records(root, model=unit.key, split=plan.cfg.train_split, columns=[schema.LABEL, schema.FEATURES])
@@ -1086,7 +951,7 @@ def run_tune(plan: Plan, mode: str, todo: list[TrialSpec], decs: dict[str, Decom
     if not todo:
         return []
     spec = plan.modes[mode]
-    info = cluster_info()
+    info = cluster.probe()
     resources, conc, trial_gpu, threads = trial_resources(mode, spec, info, use_gpu=use_gpu)
     units = {u.key: u for u in plan.units}
     params: dict[str, dict] = {}
@@ -1196,7 +1061,7 @@ def run_sweep(cfg: SweepConfig, *, plan: Plan | None = None) -> dict[str, Any]:
     # Units with nothing left to do skip extraction and decomposition altogether.
     units = [u for u in plan.units if any(t.unit == u.key and t.trial_id in todo_ids for t in plan.trials)]
     if units:
-        use_gpu = decide_gpu(cfg)
+        use_gpu = cluster.decide_gpu(use_gpu=cfg.use_gpu, wait_s=cfg.gpu_wait_s)
         try:
             # Every extraction finishes before any Tune trial starts: on a small machine, trials
             # holding CPUs while Ray Data waits for them could deadlock.
@@ -1217,13 +1082,8 @@ def run_sweep(cfg: SweepConfig, *, plan: Plan | None = None) -> dict[str, Any]:
                 ran["finetune"] += len(todo) - len(f)
                 failed += f
         finally:
-            try:
-                if use_gpu:
-                    from ray.autoscaler.sdk import request_resources
-
-                    request_resources(bundles=[])  # release the GPU request made by decide_gpu
-            except Exception as e:  # noqa: BLE001 - best effort: the autoscaler may be absent
-                log.debug("request_resources reset failed: %s", e)
+            if use_gpu:
+                cluster.release_gpu_request()
 
     df = read_trials(plan.output, ids)
     summary = summary_table(df)
@@ -1300,15 +1160,13 @@ def main(argv: list[str] | None = None, *, summary: str = "The dtd-ray sweep", r
 __all__ = [
     "MODE_DEFAULTS",
     "RETRAIN_MODES",
-    "TRIALS_SCHEMA",
-    "ModelSpec",
+        "ModelSpec",
     "Plan",
     "RetrainSpec",
     "SweepConfig",
     "list_presets",
     "load_config",
     "main",
-    "parse_ks",
     "plan_sweep",
     "read_trials",
     "run_sweep",

@@ -18,42 +18,41 @@ buckets turns them into the tables. Only the grid's tables are held, ``(G, C, m)
 Alongside the counts the pass accumulates, per class, the number of instances, the
 summed magnitude ``mass[y, j] = Σ_{i: label_i = y, j ∈ topk_idx_i} |f_ij|`` over the
 whole top-``kmax`` lists (the frequency strategy's tie-break, see
-:func:`dtd_ray.selection.select_frequency`) and, optionally, the summed feature vectors
+:func:`dtd_ray.core.selection.select_frequency`) and, optionally, the summed feature vectors
 (for the ``contribution`` strategy).
 
-Three drivers share that arithmetic and give identical tables:
+Three drivers share that arithmetic (:class:`CountAccumulator`) and give identical tables:
 
-* :func:`reduce_arrays` — records already in memory (numpy arrays);
-* :func:`reduce_partition` — one finished ``records/model=…/split=…`` partition read
-  file by file, batch by batch with pyarrow (no Ray). Memory: the tables, one row
-  group, and the count buffer (≤ ``buffer_bytes``); an ImageNet-size partition
+* :func:`reduce_arrays` here — records already in memory (numpy arrays);
+* :func:`dtd_ray.stages.reduce.reduce_partition` — one finished ``records/model=…/split=…``
+  partition read file by file, batch by batch with pyarrow (no Ray). Memory: the tables,
+  one row group, and the count buffer (≤ ``buffer_bytes``); an ImageNet-size partition
   (1.28 M × kmax 100, C = 1000, m = 2048, every k1 in 1..100) peaks at about 1.6 GB;
-* :func:`reduce_ray` — the same partition through Ray Data: ``map_batches`` turns each
-  batch into sparse partial counts on the workers (:func:`partial_counts`, never larger
-  than the batch's top-k lists), the driver sums them into the tables.
+* :func:`dtd_ray.ray.reduce.reduce_ray` — the same partition through Ray Data: each batch
+  becomes sparse partial counts on the workers (:func:`partial_counts`, never larger than
+  the batch's top-k lists), the driver sums them into the tables.
 
-Maps are exchanged with the reference implementation as JSON ``{"<class>": [idx, …]}``
-(:func:`read_map_json`, :func:`write_map_json`); ``freq/`` and ``maps/`` tables are built
-by :func:`freq_to_table` and :func:`dtd_ray.selection.maps_to_table`.
+The per-instance ranking the counts read is :func:`rank_topk` (extraction stores it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+import torch
 
-from dtd_ray import records, schema, storage
+from dtd_ray.core.kgrid import parse_k_grid
 
 log = logging.getLogger(__name__)
+
+
+def parse_k1(spec: Any, *, kmax: int) -> np.ndarray:
+    """The k1 grid of ``spec`` (:func:`dtd_ray.core.kgrid.parse_k_grid`) as an int64 array."""
+    return np.asarray(parse_k_grid(spec, kmax=kmax, name="k1"), dtype=np.int64)
 
 # Buffered top-k entries before the per-bucket bincounts run. A bincount costs
 # O(entries + C·m); buffering until the entries outnumber the G·C·m table keeps the
@@ -63,42 +62,15 @@ DEFAULT_BUFFER_BYTES = 384 * 2**20
 _MAX_KEYS_PER_CALL = 1 << 24
 
 
-# --------------------------------------------------------------------------- grid
 
+def rank_topk(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` feature indices per row by magnitude and their values.
 
-def parse_k1_grid(spec: Any, *, kmax: int) -> np.ndarray:
-    """The sorted, unique ``k1`` values of ``spec``, each checked to lie in ``[1, kmax]``.
-
-    ``spec`` is ``None`` (every ``k1`` in ``1..kmax``), an int, a sequence of ints, or a
-    string: ``"1..64"`` (inclusive range), ``"5..100:5"`` (range with step) or
-    ``"1,2,5,10"``.
+    ``idx[n] = argsort(-|f[n]|)[:k]``, ties broken by the lower index (a stable sort), so the
+    ranking is deterministic on every device; ``val[n, r] = f[n, idx[n, r]]`` (signed).
     """
-    if spec is None:
-        values = list(range(1, kmax + 1))
-    elif isinstance(spec, (int, np.integer)):
-        values = [int(spec)]
-    elif isinstance(spec, str):
-        s = spec.replace(" ", "")
-        m = re.fullmatch(r"(\d+)\.\.(\d+)(?::(\d+))?", s)
-        if m:
-            lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
-            if step < 1 or hi < lo:
-                raise ValueError(f"k1 grid {spec!r}: need lo ≤ hi and step ≥ 1")
-            values = list(range(lo, hi + 1, step))
-        elif re.fullmatch(r"\d+(,\d+)*", s):
-            values = [int(v) for v in s.split(",")]
-        else:
-            raise ValueError(f"k1 grid {spec!r} is not 'lo..hi', 'lo..hi:step' or 'a,b,c'")
-    else:
-        values = [int(v) for v in spec]
-    if not values:
-        raise ValueError("the k1 grid is empty")
-    grid = np.unique(np.asarray(values, dtype=np.int64))
-    if grid[0] < 1:
-        raise ValueError(f"k1={grid[0]} is not ≥ 1")
-    if grid[-1] > kmax:
-        raise ValueError(f"k1={grid[-1]} exceeds the records' kmax={kmax} (the top-k lists are that long)")
-    return grid
+    order = torch.sort(features.abs(), dim=1, descending=True, stable=True).indices[:, :k]
+    return order, torch.gather(features, 1, order)
 
 
 # --------------------------------------------------------------------------- result
@@ -256,7 +228,7 @@ class CountAccumulator:
         if kmax > feature_dim:
             raise ValueError(f"kmax={kmax} is larger than the feature dimension {feature_dim}")
         self.C, self.m, self.kmax = int(num_classes), int(feature_dim), int(kmax)
-        self.k1_grid = parse_k1_grid(list(k1_grid), kmax=self.kmax)
+        self.k1_grid = parse_k1(list(k1_grid), kmax=self.kmax)
         self.buckets = _bucket_bounds(self.k1_grid)
         self.k1_max = int(self.k1_grid[-1])
         self.correct_only = correct_only
@@ -450,7 +422,7 @@ def reduce_arrays(
     """
     topk_idx = np.asarray(topk_idx)
     kmax = int(kmax or topk_idx.shape[1])
-    grid = parse_k1_grid(k1_grid, kmax=kmax)
+    grid = parse_k1(k1_grid, kmax=kmax)
     acc = CountAccumulator(
         num_classes=num_classes,
         feature_dim=feature_dim,
@@ -464,104 +436,7 @@ def reduce_arrays(
     return acc.result(options=options)
 
 
-def _partition_info(root: str, *, model: str, split: str) -> tuple[str, Any, str, dict[str, Any]]:
-    manifest = records.read_manifest(root, model=model, split=split)
-    uri = records.partition_uri(root, model=model, split=split)
-    if manifest is None:
-        raise FileNotFoundError(f"no finished records at {uri} (no {schema.MANIFEST_NAME}); run jobs/extract.py first")
-    for key in ("kmax", "feature_dim", "num_classes"):
-        if key not in manifest:
-            raise ValueError(f"records manifest at {uri} lacks {key!r}")
-    fs, path = storage.resolve(uri)
-    return uri, fs, path, manifest
-
-
-def _record_columns(*, with_mass: bool, correct_only: bool, with_feature_sums: bool) -> list[str]:
-    cols = [schema.LABEL, schema.TOPK_IDX]
-    if with_mass:
-        cols.append(schema.TOPK_VAL)
-    if correct_only:
-        cols.append(schema.PRED)
-    if with_feature_sums:
-        cols.append(schema.FEATURES)
-    return cols
-
-
-def _base_options(manifest: dict[str, Any], *, model: str, split: str, correct_only: bool) -> dict[str, Any]:
-    cfg = manifest.get("config") or {}
-    return {
-        "model": model,
-        "select_split": split,
-        "correct_only": correct_only,
-        # how the selection records were made (an augmented pass names its augmentation and seed)
-        "augment": manifest.get("augment", cfg.get("augment")),
-        "seed": manifest.get("seed", cfg.get("seed")),
-        "records_rows": manifest.get("rows"),
-    }
-
-
-def reduce_partition(
-    root: str,
-    *,
-    model: str,
-    split: str,
-    k1_grid: Any = None,
-    correct_only: bool = False,
-    with_feature_sums: bool = False,
-    batch_rows: int = 65536,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-) -> FreqTables:
-    """Frequency tables of one finished records partition, read batch by batch (no Ray).
-
-    Reads only the columns it needs (``label``, ``topk_idx``, ``topk_val``; ``pred`` for
-    ``correct_only``; ``features`` for ``with_feature_sums``), so memory stays at the
-    tables plus one batch plus the count buffer, whatever the number of records.
-    """
-    uri, fs, path, manifest = _partition_info(root, model=model, split=split)
-    kmax, m, C = int(manifest["kmax"]), int(manifest["feature_dim"]), int(manifest["num_classes"])
-    grid = parse_k1_grid(k1_grid, kmax=kmax)
-    acc = CountAccumulator(
-        num_classes=C,
-        feature_dim=m,
-        k1_grid=grid,
-        kmax=kmax,
-        with_feature_sums=with_feature_sums,
-        correct_only=correct_only,
-        buffer_bytes=buffer_bytes,
-    )
-    cols = _record_columns(with_mass=True, correct_only=correct_only, with_feature_sums=with_feature_sums)
-    for batch in iter_record_batches(fs, path, columns=cols, batch_rows=batch_rows):
-        _add_record_batch(acc, records.table_to_records(pa.Table.from_batches([batch])), kmax=kmax)
-    return acc.result(options=_base_options(manifest, model=model, split=split, correct_only=correct_only))
-
-
-def iter_record_batches(fs: Any, path: str, *, columns: list[str], batch_rows: int) -> Iterable[pa.RecordBatch]:
-    """The partition's rows, file by file and batch by batch, reading only ``columns``.
-
-    One ``ParquetFile.iter_batches`` at a time rather than a dataset scan: the scanner's
-    read-ahead over several files and row groups held ~1 GB for an ImageNet-size
-    partition, this holds about one row group.
-    """
-    files = sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
-    for file in files:
-        with fs.open_input_file(file) as fh:
-            pf = pq.ParquetFile(fh)
-            yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
-
-
-def _add_record_batch(acc: CountAccumulator, arr: dict[str, np.ndarray], *, kmax: int) -> None:
-    if arr[schema.LABEL].shape[0] == 0:
-        return
-    acc.add(
-        labels=arr[schema.LABEL],
-        topk_idx=arr[schema.TOPK_IDX],
-        topk_val=arr.get(schema.TOPK_VAL),
-        preds=arr.get(schema.PRED),
-        features=arr.get(schema.FEATURES),
-    )
-
-
-# --- the Ray Data path: sparse partial counts per batch, summed on the driver -------
+# --- sparse partial counts per batch (the Ray Data path sums them on the driver) -------
 
 _KIND_COUNT, _KIND_N, _KIND_MASS, _KIND_FSUM, _KIND_ROWS = 0, 1, 2, 3, 4
 
@@ -584,11 +459,11 @@ def partial_counts(
     entries are emitted, so a partial is never larger than its batch's top-k lists.
     """
     C, m = int(num_classes), int(feature_dim)
-    grid = parse_k1_grid(list(k1_grid), kmax=kmax)
-    labels = np.asarray(batch[schema.LABEL])
-    topk_idx = np.asarray(batch[schema.TOPK_IDX])
-    topk_val = batch.get(schema.TOPK_VAL)
-    features = batch.get(schema.FEATURES) if with_feature_sums else None
+    grid = parse_k1(list(k1_grid), kmax=kmax)
+    labels = np.asarray(batch["label"])
+    topk_idx = np.asarray(batch["topk_idx"])
+    topk_val = batch.get("topk_val")
+    features = batch.get("features") if with_feature_sums else None
     if topk_idx.ndim != 2 or topk_idx.shape[1] < kmax:
         raise ValueError(f"topk_idx has shape {topk_idx.shape}; records with kmax ≥ {kmax} expected")
     if topk_val is None:
@@ -599,9 +474,9 @@ def partial_counts(
     )
     rows_read = labels.shape[0]
     if correct_only:
-        if schema.PRED not in batch:
+        if "pred" not in batch:
             raise ValueError("correct_only=True needs the pred column")
-        keep = np.asarray(batch[schema.PRED]) == labels
+        keep = np.asarray(batch["pred"]) == labels
         labels, topk_idx, topk_val = labels[keep], topk_idx[keep], topk_val[keep]
         features = None if features is None else np.asarray(features)[keep]
     parts: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -640,162 +515,3 @@ def partial_counts(
     }
 
 
-class _PartialCountsFn:
-    """``map_batches`` callable: Arrow batch of records → sparse partial counts."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        return partial_counts(records.table_to_records(batch), **self.kwargs)
-
-
-def reduce_ray(
-    root: str,
-    *,
-    model: str,
-    split: str,
-    k1_grid: Any = None,
-    correct_only: bool = False,
-    with_feature_sums: bool = False,
-    batch_rows: int = 65536,
-) -> FreqTables:
-    """:func:`reduce_partition` through Ray Data, for record sets larger than one node's memory.
-
-    ``read_parquet`` streams the partition block by block; ``map_batches`` turns each
-    batch into sparse partial counts (:func:`partial_counts`) on the workers; the
-    driver sums the partials into the ``(G, C, m)`` tables. Needs an initialised Ray.
-    Gives exactly the tables of the numpy pass (counts are integers; the float sums
-    agree to rounding).
-    """
-    import ray
-
-    uri, fs, path, manifest = _partition_info(root, model=model, split=split)
-    kmax, m, C = int(manifest["kmax"]), int(manifest["feature_dim"]), int(manifest["num_classes"])
-    grid = parse_k1_grid(k1_grid, kmax=kmax)
-    cols = _record_columns(with_mass=True, correct_only=correct_only, with_feature_sums=with_feature_sums)
-    # the partition's data files exactly as pyarrow lists them (manifest, staging folders excluded)
-    files = sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {uri}")
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols, partitioning=None)
-    kwargs = dict(
-        num_classes=C,
-        feature_dim=m,
-        k1_grid=[int(v) for v in grid],
-        kmax=kmax,
-        correct_only=correct_only,
-        with_feature_sums=with_feature_sums,
-    )
-    parts = ds.map_batches(_PartialCountsFn, fn_constructor_kwargs=kwargs, batch_size=batch_rows, batch_format="pyarrow")
-    acc = CountAccumulator(
-        num_classes=C,
-        feature_dim=m,
-        k1_grid=grid,
-        kmax=kmax,
-        with_feature_sums=with_feature_sums,
-        correct_only=correct_only,
-    )
-    for batch in parts.iter_batches(batch_format="numpy", batch_size=None):
-        acc.add_partial(batch)
-    opts = _base_options(manifest, model=model, split=split, correct_only=correct_only)
-    opts["engine"] = "ray"
-    return acc.result(options=opts)
-
-
-# --------------------------------------------------------------------------- freq/ table
-
-
-def freq_to_table(freq: FreqTables, *, model: str) -> pa.Table:
-    """The non-zero entries of every table as rows of :data:`schema.FREQ_SCHEMA`, sorted by (k1, class, feature).
-
-    A missing ``(k1, class, feature)`` row means count 0.
-    """
-    g, y, j = np.nonzero(freq.counts)
-    return pa.Table.from_arrays(
-        [
-            pa.array(np.full(g.size, model, dtype=object), pa.string()),
-            pa.array(freq.k1_grid[g].astype(np.int32)),
-            pa.array(y.astype(np.int32)),
-            pa.array(j.astype(np.int32)),
-            pa.array(freq.counts[g, y, j].astype(np.int64)),
-        ],
-        schema=schema.FREQ_SCHEMA,
-    )
-
-
-def freq_from_table(table: pa.Table | Any, *, num_classes: int, feature_dim: int, kmax: int | None = None) -> FreqTables:
-    """The counts of a ``freq/`` table (Arrow or pandas) back as :class:`FreqTables`.
-
-    Only the counts travel through ``freq/``: the result has no tie-break mass and no
-    instance counts (``n_instances`` is the table's k1=min row sums divided by k1).
-    """
-    df = table.to_pandas() if isinstance(table, pa.Table) else table
-    grid = np.unique(df["k1"].to_numpy().astype(np.int64))
-    if grid.size == 0:
-        raise ValueError("empty freq table")
-    y = df["class"].to_numpy().astype(np.int64)
-    j = df["feature"].to_numpy().astype(np.int64)
-    if y.max() >= num_classes or j.max() >= feature_dim:
-        raise ValueError(f"freq table has class {y.max()} / feature {j.max()}, expected C={num_classes}, m={feature_dim}")
-    counts = np.zeros((grid.size, num_classes, feature_dim), dtype=np.int32)
-    g = np.searchsorted(grid, df["k1"].to_numpy())
-    counts[g, y, j] = df["count"].to_numpy()
-    n = counts[0].sum(axis=1) // grid[0]
-    return FreqTables(k1_grid=grid, counts=counts, n_instances=n.astype(np.int64), kmax=int(kmax or grid[-1]))
-
-
-# --------------------------------------------------------------------------- JSON maps
-
-
-def map_to_json(idx: np.ndarray) -> dict[str, list[int]]:
-    """A (C, k2) map as the reference implementation's ``{"<class>": [idx, …]}`` (rank order kept)."""
-    idx = np.asarray(idx)
-    return {str(y): [int(v) for v in idx[y]] for y in range(idx.shape[0])}
-
-
-def map_from_json(obj: dict[str, Iterable[int]], *, num_classes: int, feature_dim: int) -> np.ndarray:
-    """Parse ``{"<class>": [idx, …]}`` into a (C, k2) int64 array, checking it fits the model.
-
-    Raises ``ValueError`` for class keys other than ``0..C-1``, lists of different
-    lengths, indices outside ``[0, m)`` or repeated within a class.
-    """
-    try:
-        keys = sorted(int(k) for k in obj)
-    except (TypeError, ValueError):
-        raise ValueError("map keys must be class indices ('0', '1', …)") from None
-    if keys != list(range(num_classes)):
-        raise ValueError(f"map has {len(keys)} class(es) (keys {keys[:3]}…{keys[-1:]}), the model has {num_classes}")
-    lookup = {int(k): v for k, v in obj.items()}
-    rows = [list(lookup[y]) for y in range(num_classes)]
-    lengths = {len(r) for r in rows}
-    if len(lengths) != 1:
-        raise ValueError(f"map lists have different lengths {sorted(lengths)}; one k2 per map expected")
-    idx = np.asarray(rows, dtype=np.int64).reshape(num_classes, -1)
-    if idx.shape[1] == 0:
-        raise ValueError("map lists are empty")
-    if idx.min() < 0 or idx.max() >= feature_dim:
-        bad_index = idx.max() if idx.max() >= feature_dim else idx.min()
-        raise ValueError(f"map index {bad_index} is outside [0, {feature_dim}) (feature_dim={feature_dim})")
-    s = np.sort(idx, axis=1)
-    if (s[:, 1:] == s[:, :-1]).any():
-        raise ValueError("map repeats a feature within a class")
-    return idx
-
-
-def read_map_json(path: str, *, num_classes: int, feature_dim: int) -> np.ndarray:
-    """Read a reference-format JSON map (local path or URI) as a (C, k2) array; see :func:`map_from_json`."""
-    fs, p = storage.resolve(path)
-    obj = storage.read_json(fs, p)
-    if obj is None:
-        raise FileNotFoundError(f"no map file at {path}")
-    return map_from_json(obj, num_classes=num_classes, feature_dim=feature_dim)
-
-
-def write_map_json(path: str, idx: np.ndarray) -> None:
-    """Write a (C, k2) map in the reference format (compact, like the published files)."""
-    fs, p = storage.resolve(path)
-    parent = p.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(map_to_json(idx)).encode())

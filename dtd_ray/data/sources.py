@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from dtd_ray import storage
+from dtd_ray.io import storage
 
 if TYPE_CHECKING:  # Ray is imported lazily: the core (read_numpy, prepare_batch) runs without it
     import pyarrow as pa

@@ -29,20 +29,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
+import ray
 
 from dtd_ray import config as config_lib
-from dtd_ray import records, schema, storage
+from dtd_ray.models.extractor import FeatureExtractor
+from dtd_ray.models.runtime import check_precision
+from dtd_ray.ray import cluster
+from dtd_ray.io import records
+from dtd_ray.io import schema
+from dtd_ray.io import storage
 
 log = logging.getLogger(__name__)
 
 
-PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
-
-
 @dataclass
 class ExtractConfig:
-    model: str = "cifar_resnet20"  # backbone registry name (dtd_ray.backbones.list_backbones())
+    model: str = "cifar_resnet20"  # backbone registry name (dtd_ray.models.backbones.list_backbones())
     weights: str | None = "default"  # "default", a local file, an http(s) URL, "torchvision:<ENUM>", or None (random init)
     normalization: str | None = None  # override the weights' mean/std: "cifar10", "imagenet", "cifar100", "fashion-mnist"
     dataset: str = "imagefolder:../shared/data/cifar10"  # imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]
@@ -71,8 +73,7 @@ class ExtractConfig:
             raise ValueError(f"kmax must be >= 1, got {self.kmax}")
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise ValueError("batch_size and rows_per_file must be >= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.on_bad_input not in ("skip", "fail"):
             raise ValueError(f"on_bad_input must be 'skip' or 'fail', got {self.on_bad_input!r}")
 
@@ -81,122 +82,11 @@ class ExtractConfig:
         return self.tag or self.model
 
     def split_key(self, split: str) -> str:
-        return f"{split}_aug{self.seed}" if self.augment else split
+        return schema.split_key(split, augment=self.augment, seed=self.seed)
 
 
 # Fields that change what a partition holds; the others (resources, batch sizes, paths) do not.
 _CONTENT_FIELDS = ("model", "weights", "normalization", "dataset", "kmax", "augment", "seed")
-
-
-# ----------------------------------------------------------------------------- pure functions
-
-
-def rank_topk(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` feature indices per row by magnitude and their values.
-
-    ``idx[n] = argsort(-|f[n]|)[:k]``, ties broken by the lower index (a stable sort), so the
-    ranking is deterministic on every device; ``val[n, r] = f[n, idx[n, r]]`` (signed).
-    """
-    order = torch.sort(features.abs(), dim=1, descending=True, stable=True).indices[:, :k]
-    return order, torch.gather(features, 1, order)
-
-
-def normalize_images(images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC → float NCHW, ``x = (u/255 − mean) / std`` per channel (ToTensor + Normalize)."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-
-
-def resolve_device(use_gpu: bool | None = None) -> torch.device:
-    if use_gpu is None:
-        use_gpu = torch.cuda.is_available()
-    if use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("use_gpu=True but torch sees no CUDA device on this worker")
-    return torch.device("cuda" if use_gpu else "cpu")
-
-
-class FeatureExtractor:
-    """The model as a Ray Data callable: loads once, maps numpy batches to numpy records.
-
-    Input batch: ``image`` uint8 (N, H, W, C) unnormalised, ``sample_id``, ``label``, and
-    optionally ``ok``/``error`` (passed through). Output: the record columns of
-    :data:`dtd_ray.schema.RECORDS_SCHEMA` plus ``ok``/``error``. Importable and callable
-    without Ray (tests and the GPU check call it directly).
-    """
-
-    def __init__(
-        self,
-        *,
-        model: str,
-        weights: str | None = "default",
-        normalization: str | None = None,
-        kmax: int = 64,
-        use_gpu: bool | None = None,
-        precision: str = "auto",
-        channels_last: bool = True,
-        cpu_threads: int | None = None,
-    ) -> None:
-        from dtd_ray.backbones import get_backbone
-
-        self.device = resolve_device(use_gpu)
-        if self.device.type == "cpu" and cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.backbone = get_backbone(model, weights=weights, normalization=normalization)
-        self.backbone.eval().to(self.device)
-        if precision == "auto":
-            # fp16 autocast on GPU: as fast as bf16 on an H200, but bf16's 7-bit mantissa reorders
-            # near-tied features (top-5 sets equal to fp32's for 96.2 % of CIFAR-10 instances;
-            # fp16: 99.5 %, results/gpu/bench_gpu_h200.json). On CPU fp32 is exact and not slower.
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        if self.device.type == "cuda":
-            # Process-wide, but a model actor holds one model. cuDNN convs default to TF32,
-            # so "fp32" must switch it off to mean fp32.
-            torch.backends.cudnn.allow_tf32 = precision == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        self.channels_last = channels_last and self.device.type == "cuda"
-        if self.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-        pre = self.backbone.preprocessing
-        self.mean = torch.tensor(pre.mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(pre.std, dtype=torch.float32, device=self.device)
-        self.kmax = min(kmax, self.backbone.feature_dim)
-
-    def features(self, images: np.ndarray) -> torch.Tensor:
-        """Penultimate features (fp32) of a uint8 NHWC batch."""
-        # Ray Data hands out read-only, zero-copy batches; torch wants a writable array (uint8: a cheap copy).
-        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device, non_blocking=True)
-        x = normalize_images(x, mean=self.mean, std=self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            f = self.backbone.forward_features(x).float()
-        if self.autocast_dtype == torch.float16 and not torch.isfinite(f).all():
-            # fp16 overflowed (activations beyond 65504): redo this batch in fp32 rather than store inf.
-            log.warning("fp16 overflow in %s; batch recomputed in fp32", self.backbone.name)
-            f = self.backbone.forward_features(x).float()
-        return f
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            f = self.features(batch["image"])
-            # The head runs in fp32 even under autocast so that pred is the fp32 head's argmax of f.
-            logits = self.backbone.head(f)
-            idx, val = rank_topk(f, self.kmax)
-        out = {
-            schema.SAMPLE_ID: np.asarray(batch[schema.SAMPLE_ID], dtype=np.int64),
-            schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int32),
-            schema.PRED: logits.argmax(1).to(torch.int32).cpu().numpy(),
-            schema.TOPK_IDX: idx.to(torch.int32).cpu().numpy(),
-            schema.TOPK_VAL: val.cpu().numpy(),
-            schema.FEATURES: f.cpu().numpy(),
-        }
-        n = len(out[schema.SAMPLE_ID])
-        out["ok"] = np.asarray(batch["ok"], dtype=bool) if "ok" in batch else np.ones(n, dtype=bool)
-        out["error"] = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
-        return out
 
 
 def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, np.ndarray]:
@@ -240,19 +130,16 @@ class Resources:
 
 
 def plan_resources(cfg: ExtractConfig) -> Resources:
-    import ray
-
-    total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0))
+    info = cluster.probe()
+    gpus = int(info.gpus)
     use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and not gpus:
         raise RuntimeError("use_gpu=True but the Ray cluster has no GPU (an actor would wait forever)")
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    cpus_per_node = max(1, int(min(n["Resources"]["CPU"] for n in nodes))) if nodes else 1
+    cpus_per_node = info.cpus_per_node
     if use_gpu:
         num_actors = cfg.num_actors or gpus
         return Resources(True, num_actors, 1.0, 1.0, cfg.cpu_threads or 1)
-    num_actors = cfg.num_actors or max(1, len(nodes))
+    num_actors = cfg.num_actors or info.nodes
     # A CPU actor takes one logical CPU but runs torch on all the node's cores: the convs are
     # where the time goes, and decoding 32-px PNGs is cheap. Prepare tasks get fractional CPUs so
     # that they are never starved by the actors (on 2 cores, whole-CPU actors can deadlock reads).
@@ -261,10 +148,8 @@ def plan_resources(cfg: ExtractConfig) -> Resources:
 
 def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None):
     """The Ray Dataset whose rows are per-file summaries (executing it writes the records)."""
-    import ray
-
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import parse_source, prepare_batch
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source, prepare_batch
 
     source = source or parse_source(cfg.dataset)
     pre = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization).preprocessing
@@ -472,7 +357,7 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
 
 
 @dataclass(frozen=True)
-class Plan:
+class ExtractCheck:
     """What the driver checked before touching Ray: the source and the backbone's shape."""
 
     source: Any
@@ -480,13 +365,13 @@ class Plan:
     num_classes: int
 
 
-def check_extract(cfg: ExtractConfig) -> Plan:
+def check_extract(cfg: ExtractConfig) -> ExtractCheck:
     """Validate names, paths, splits, weights and the output before anything is scheduled.
 
     Raises one-line ``ValueError`` / ``FileNotFoundError`` / ``PermissionError``; needs no Ray.
     """
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import parse_source
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source
 
     source = parse_source(cfg.dataset)
     for split in cfg.splits:
@@ -497,10 +382,10 @@ def check_extract(cfg: ExtractConfig) -> Plan:
         log.warning("%s has %d classes but %s has %d", cfg.model, backbone.num_classes, cfg.dataset,
                     len(source.classes))
     storage.check_writable(cfg.output)
-    return Plan(source=source, feature_dim=backbone.feature_dim, num_classes=backbone.num_classes)
+    return ExtractCheck(source=source, feature_dim=backbone.feature_dim, num_classes=backbone.num_classes)
 
 
-def run_extract(cfg: ExtractConfig, *, plan: Plan | None = None) -> dict[str, Any]:
+def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None) -> dict[str, Any]:
     """Extract every split of ``cfg`` on the running Ray cluster; returns a summary dict.
 
     Prints progress while it runs and one summary line at the end. ``plan`` is the result
@@ -535,22 +420,13 @@ def run_extract(cfg: ExtractConfig, *, plan: Plan | None = None) -> dict[str, An
     return summary
 
 
-def config_from_kwargs(**kwargs: Any) -> ExtractConfig:
-    config_lib.check_keys(ExtractConfig, kwargs)
-    return ExtractConfig(**kwargs)
-
-
 __all__ = [
     "ExtractConfig",
     "ExtractionError",
-    "FeatureExtractor",
     "Resources",
     "build_pipeline",
     "check_extract",
-    "config_from_kwargs",
-    "normalize_images",
     "plan_resources",
-    "rank_topk",
     "run_extract",
     "write_part",
 ]

@@ -3,7 +3,7 @@
 The training loop is plain PyTorch (:func:`train_backbone`), so it runs in a Ray task on
 a GPU node, in-process on a bare GPU box, or on a CPU. :func:`run_train` writes the
 checkpoint in the public CIFAR-ResNet format (``{'state_dict', 'best_prec1'}``, which
-:func:`dtd_ray.backbones.get_backbone` loads by path) and a JSON record beside it with
+:func:`dtd_ray.models.backbones.get_backbone` loads by path) and a JSON record beside it with
 the resolved config, the per-epoch log, the test accuracy and the checkpoint's sha256.
 """
 
@@ -55,7 +55,7 @@ class TrainConfig:
 
 def load_split(*, dataset: str, split: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 (N, H, W, C), labels int64)`` of a split, decoded and sized for the model."""
-    from dtd_ray.datasets import parse_source, prepare_batch
+    from dtd_ray.data.sources import parse_source, prepare_batch
 
     src = parse_source(dataset)
     out = prepare_batch(src.read_numpy(split), preprocessing=preprocessing, on_bad_input="skip")
@@ -82,7 +82,7 @@ def one_cycle_lr(step: int, *, total: int, peak: float, warmup_frac: float = 0.1
 def evaluate(model, *, images: np.ndarray, labels: np.ndarray, mean, std, device, batch_size: int = 1000,
              autocast_dtype=None) -> float:
     """Top-1 accuracy (percent) of ``model`` on uint8 NHWC ``images``."""
-    from dtd_ray.extract import normalize_images
+    from dtd_ray.models.runtime import normalize_images
 
     model.eval()
     correct = 0
@@ -100,9 +100,9 @@ def train_backbone(cfg: TrainConfig) -> dict[str, Any]:
     Cross-entropy, SGD with Nesterov momentum and weight decay, one-cycle learning rate
     (:func:`one_cycle_lr`) per step; bf16 autocast on a GPU, fp32 on CPU.
     """
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import cifar_augment, parse_source
-    from dtd_ray.extract import normalize_images, resolve_device
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import cifar_augment, parse_source
+    from dtd_ray.models.runtime import normalize_images, resolve_device
 
     device = resolve_device(cfg.use_gpu)
     if device.type == "cpu" and cfg.cpu_threads:

@@ -246,7 +246,7 @@ def evaluate_grid(
 ) -> list[dict[str, Any]]:
     """Accuracy of the decomposed head for every map and every ``k2`` up to its length.
 
-    ``maps`` are :class:`dtd_ray.selection.ClassMap` (a ``frequency`` map of ``k1``
+    ``maps`` are :class:`dtd_ray.core.selection.ClassMap` (a ``frequency`` map of ``k1``
     has length ``k1``, so its rows are ``k2 = 1..k1``). Returns one dict per
     ``(strategy, k1, k2)``: ``strategy, k1, k2, n_instances, correct, acc_full,
     acc_decomposed, head_macs_full (C·m), head_macs_decomposed (C·k2), channels_used``.

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from dtd_ray.reduce import FreqTables
+from dtd_ray.core.counting import FreqTables
 
 log = logging.getLogger(__name__)
 
@@ -240,67 +240,3 @@ def imported_map(idx: np.ndarray, *, name: str = "imported") -> ClassMap:
     """Wrap an external (C, k2) map (e.g. a reference JSON) in a :class:`ClassMap` (``k1`` not applicable)."""
     idx = np.asarray(idx, dtype=np.int64)
     return ClassMap(strategy=name, k1=K1_NOT_APPLICABLE, idx=idx, score=np.full(idx.shape, np.nan), nested=False)
-
-
-# --------------------------------------------------------------------------- maps/ table
-
-
-def maps_to_table(maps: Sequence[ClassMap], *, model: str) -> "pa.Table":
-    """Rows of :data:`schema.MAPS_SCORED_SCHEMA`: one per (map, class, rank).
-
-    Each map is stored once at its full length ``K`` (column ``k2 = K``); the map of
-    any smaller ``k2`` is its rows with ``rank < k2`` (see :func:`map_from_table`).
-    """
-
-    from dtd_ray import schema
-
-    cols: dict[str, list[np.ndarray]] = {f.name: [] for f in schema.MAPS_SCORED_SCHEMA}
-    for cm in maps:
-        C, K = cm.idx.shape
-        n = C * K
-        cols["model"].append(np.full(n, model, dtype=object))
-        cols["strategy"].append(np.full(n, cm.strategy, dtype=object))
-        cols["k1"].append(np.full(n, cm.k1, dtype=np.int32))
-        cols["k2"].append(np.full(n, K, dtype=np.int32))
-        cols["class"].append(np.repeat(np.arange(C, dtype=np.int32), K))
-        cols["rank"].append(np.tile(np.arange(K, dtype=np.int32), C))
-        cols["feature"].append(cm.idx.reshape(-1).astype(np.int32))
-        cols["count"].append(
-            np.full(n, None, dtype=object) if cm.count is None else cm.count.reshape(-1).astype(object)
-        )
-        cols["score"].append(cm.score.reshape(-1).astype(np.float64))
-    arrays = []
-    for f in schema.MAPS_SCORED_SCHEMA:
-        parts = cols[f.name]
-        data = np.concatenate(parts) if parts else np.zeros(0, dtype=object)
-        arrays.append(pa.array(data, type=f.type, from_pandas=True))
-    return pa.Table.from_arrays(arrays, schema=schema.MAPS_SCORED_SCHEMA)
-
-
-def map_from_table(table, *, strategy: str, k1: int, k2: int, num_classes: int | None = None) -> ClassMap:
-    """The ``(strategy, k1, k2)`` map from a ``maps/`` table (Arrow or pandas).
-
-    Picks the stored map of that strategy and ``k1`` (``-1`` for k1-independent
-    strategies) whose length is ≥ ``k2`` and takes its first ``k2`` ranks.
-    """
-
-    df = table.to_pandas() if isinstance(table, pa.Table) else table
-    sel = df[(df["strategy"] == strategy) & (df["k1"] == k1) & (df["k2"] >= k2)]
-    if sel.empty:
-        raise ValueError(f"no stored {strategy} map with k1={k1} and length ≥ {k2}")
-    K = int(sel["k2"].min())
-    sel = sel[(sel["k2"] == K) & (sel["rank"] < k2)].sort_values(["class", "rank"])
-    C = int(sel["class"].max()) + 1
-    if num_classes is not None and C != num_classes:
-        raise ValueError(f"stored map has {C} classes, expected {num_classes}")
-    if len(sel) != C * k2 or sel.duplicated(["class", "rank"]).any():
-        raise ValueError(
-            f"stored {strategy} map k1={k1}: {len(sel)} rows for {C}×{k2} (incomplete, or several selections "
-            "mixed: filter the table to one select_split / correct_only first)"
-        )
-    idx = sel["feature"].to_numpy().astype(np.int64).reshape(C, k2)
-    score = sel["score"].to_numpy().astype(np.float64).reshape(C, k2) if "score" in sel else np.full((C, k2), np.nan)
-    count = None
-    if strategy == "frequency" and sel["count"].notna().all():
-        count = sel["count"].to_numpy().astype(np.int64).reshape(C, k2)
-    return ClassMap(strategy=strategy, k1=int(k1), idx=idx, score=score, count=count)

@@ -1,6 +1,6 @@
 """The sweep report: markdown tables and PNG plots from a sweep's output folder.
 
-Reads what :mod:`dtd_ray.sweep` wrote under its output root::
+Reads what :mod:`dtd_ray.ray.sweep` wrote under its output root::
 
     sweep_config.json                        the resolved config (models, weights, datasets, k grid)
     trials/<trial_id>.parquet                one row per trial (accuracies in %)
@@ -40,8 +40,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from dtd_ray.io import tables
 from dtd_ray import config as config_lib
-from dtd_ray import selection
+from dtd_ray.core import selection
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def depth_of(backbone: str) -> int | None:
 def last_block_maps(backbone: Any, x: torch.Tensor) -> torch.Tensor:
     """The output ``A`` (N, C, h, w) of the backbone's last conv block (before pooling), via a forward hook.
 
-    ``backbone.blocks`` names the stages in forward order (see :class:`dtd_ray.backbones.Backbone`).
+    ``backbone.blocks`` names the stages in forward order (see :class:`dtd_ray.models.backbones.Backbone`).
     """
     if not getattr(backbone, "blocks", None):
         raise ValueError(f"{getattr(backbone, 'name', 'backbone')} names no blocks: no channel maps")
@@ -480,9 +481,9 @@ def cam_figure(
     correct_only: bool = True,
 ) -> dict[str, Any]:
     """Draw the activation-map figure of one model; returns what it showed (or why not)."""
-    from dtd_ray.backbones import get_backbone
-    from dtd_ray.datasets import parse_source, prepare_batch
-    from dtd_ray.extract import normalize_images
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source, prepare_batch
+    from dtd_ray.models.runtime import normalize_images
 
     # The sweep's absolute paths where they exist here, else the configured ones from here.
     weights = unit.get("weights_abs") if _exists(unit.get("weights_abs")) else _resolve_path(unit.get("weights"))
@@ -490,8 +491,8 @@ def cam_figure(
     backbone.eval()
     maps = pd.read_parquet(maps_file)
     k1 = k if strategy == "frequency" else selection.K1_NOT_APPLICABLE
-    sel = selection.map_from_table(maps, strategy=strategy, k1=k1, k2=k).idx
-    rnd = selection.map_from_table(maps, strategy="random", k1=selection.K1_NOT_APPLICABLE, k2=k).idx \
+    sel = tables.map_from_table(maps, strategy=strategy, k1=k1, k2=k).idx
+    rnd = tables.map_from_table(maps, strategy="random", k1=selection.K1_NOT_APPLICABLE, k2=k).idx \
         if (maps["strategy"] == "random").any() else \
         selection.select_random(num_classes=sel.shape[0], feature_dim=backbone.feature_dim, k2=k, seed=0).idx
     kind, sep, where = str(unit["dataset"]).partition(":")

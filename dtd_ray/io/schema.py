@@ -36,6 +36,12 @@ RECORDS_SCHEMA = pa.schema(
 )
 RECORDS_PARTITIONING = ("model", "split")
 
+
+def split_key(split: str, *, augment: str | None, seed: int) -> str:
+    """The records split of an extraction pass: ``split``, or ``<split>_aug<seed>`` for an augmented pass."""
+    return f"{split}_aug{seed}" if augment else split
+
+
 # --- freq/ : class × feature occurrence counts, per k1 (reduce) ---------------
 FREQ_SCHEMA = pa.schema(
     [
@@ -91,5 +97,49 @@ EVAL_SCHEMA = pa.schema(
         pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
         pa.field("head_macs_decomposed", pa.int64()),  # C·k2
         pa.field("channels_used", pa.int32()),  # |∪_y I_y|
+    ]
+)
+
+
+# --- trials/<trial_id>.parquet : one row per finished trial (sweep) ------------------
+TRIALS_SCHEMA_VERSION = 1
+# Accuracies are in percent (0–100), as the trainables report them; note that eval/
+# (decompose) stores fractions. k1 is -1 for strategies whose map does not depend on k1.
+TRIALS_SCHEMA = pa.schema(
+    [
+        pa.field("trial_id", pa.string()),  # stable hash of what the trial computes
+        pa.field("sweep", pa.string()),  # the sweep's name (preset or file name)
+        pa.field("model", pa.string()),  # records partition key (the model entry's tag)
+        pa.field("backbone", pa.string()),  # backbone registry name
+        pa.field("weights", pa.string()),  # weights as configured
+        pa.field("dataset", pa.string()),  # short dataset name (cifar10, fashion-mnist, imagenet, …)
+        pa.field("dataset_uri", pa.string()),  # the dataset source as configured
+        pa.field("select_split", pa.string()),  # records split the maps were selected from
+        pa.field("eval_split", pa.string()),  # split every accuracy is measured on
+        pa.field("correct_only", pa.bool_()),  # selection counted only correctly classified instances
+        pa.field("strategy", pa.string()),
+        pa.field("k1", pa.int32()),
+        pa.field("k2", pa.int32()),
+        pa.field("retrain_mode", pa.string()),  # none | head | finetune
+        pa.field("epochs", pa.int32()),  # 0 for mode none
+        pa.field("lr", pa.float64()),  # null for mode none
+        pa.field("batch_size", pa.int32()),
+        pa.field("weight_decay", pa.float64()),
+        pa.field("seed", pa.int32()),
+        pa.field("n_eval", pa.int64()),  # instances of eval_split in the records
+        pa.field("acc_full", pa.float64()),  # the original head on eval_split (cached features)
+        pa.field("acc_decomposed", pa.float64()),  # the decomposed head before any training (cached features)
+        pa.field("acc_decomposed_init", pa.float64()),  # the trainable's own measurement before training
+        pa.field("acc_retrained", pa.float64()),  # after the last epoch (null for mode none)
+        pa.field("acc_by_epoch", pa.list_(pa.float64())),  # eval accuracy after each epoch
+        pa.field("loss", pa.float64()),  # training loss of the last epoch
+        pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
+        pa.field("head_macs_decomposed", pa.int64()),  # C·k2
+        pa.field("channels_used", pa.int32()),  # |∪_y I_y|
+        pa.field("seconds", pa.float64()),  # trial wall time (null for mode none)
+        pa.field("use_gpu", pa.bool_()),
+        pa.field("checkpoint", pa.string()),  # the trial's last checkpoint (null for mode none)
+        pa.field("config", pa.string()),  # JSON: everything the trial_id hashes, plus the trainable's config
+        pa.field("finished_at", pa.string()),  # UTC, ISO 8601
     ]
 )

@@ -1,0 +1,87 @@
+"""Reduce one finished records partition to frequency tables with numpy, batch by batch (no Ray).
+
+The arithmetic is :class:`dtd_ray.core.counting.CountAccumulator`; this module reads the
+partition's Parquet files one row group at a time, so memory stays at the tables, one
+batch and the count buffer whatever the number of records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dtd_ray.core.counting import DEFAULT_BUFFER_BYTES, CountAccumulator, FreqTables, parse_k1
+from dtd_ray.io import records, schema
+
+
+def record_columns(*, with_mass: bool, correct_only: bool, with_feature_sums: bool) -> list[str]:
+    cols = [schema.LABEL, schema.TOPK_IDX]
+    if with_mass:
+        cols.append(schema.TOPK_VAL)
+    if correct_only:
+        cols.append(schema.PRED)
+    if with_feature_sums:
+        cols.append(schema.FEATURES)
+    return cols
+
+
+def base_options(manifest: dict[str, Any], *, model: str, split: str, correct_only: bool) -> dict[str, Any]:
+    cfg = manifest.get("config") or {}
+    return {
+        "model": model,
+        "select_split": split,
+        "correct_only": correct_only,
+        # how the selection records were made (an augmented pass names its augmentation and seed)
+        "augment": manifest.get("augment", cfg.get("augment")),
+        "seed": manifest.get("seed", cfg.get("seed")),
+        "records_rows": manifest.get("rows"),
+    }
+
+
+def reduce_partition(
+    root: str,
+    *,
+    model: str,
+    split: str,
+    k1_grid: Any = None,
+    correct_only: bool = False,
+    with_feature_sums: bool = False,
+    batch_rows: int = 65536,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> FreqTables:
+    """Frequency tables of one finished records partition, read batch by batch (no Ray).
+
+    Reads only the columns it needs (``label``, ``topk_idx``, ``topk_val``; ``pred`` for
+    ``correct_only``; ``features`` for ``with_feature_sums``), so memory stays at the
+    tables plus one batch plus the count buffer, whatever the number of records.
+    """
+    uri, fs, path, manifest = records.partition_info(root, model=model, split=split)
+    kmax, m, C = int(manifest["kmax"]), int(manifest["feature_dim"]), int(manifest["num_classes"])
+    grid = parse_k1(k1_grid, kmax=kmax)
+    acc = CountAccumulator(
+        num_classes=C,
+        feature_dim=m,
+        k1_grid=grid,
+        kmax=kmax,
+        with_feature_sums=with_feature_sums,
+        correct_only=correct_only,
+        buffer_bytes=buffer_bytes,
+    )
+    cols = record_columns(with_mass=True, correct_only=correct_only, with_feature_sums=with_feature_sums)
+    for batch in records.iter_record_batches(fs, path, columns=cols, batch_rows=batch_rows):
+        _add_record_batch(acc, records.table_to_records(pa.Table.from_batches([batch])), kmax=kmax)
+    return acc.result(options=base_options(manifest, model=model, split=split, correct_only=correct_only))
+
+
+def _add_record_batch(acc: CountAccumulator, arr: dict[str, np.ndarray], *, kmax: int) -> None:
+    if arr[schema.LABEL].shape[0] == 0:
+        return
+    acc.add(
+        labels=arr[schema.LABEL],
+        topk_idx=arr[schema.TOPK_IDX],
+        topk_val=arr.get(schema.TOPK_VAL),
+        preds=arr.get(schema.PRED),
+        features=arr.get(schema.FEATURES),
+    )
