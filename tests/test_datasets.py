@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtd_ray.data import sources as datasets
-from dtd_ray.data.sources import cifar_augment, parse_idx, parse_source, prepare_batch
+from dtd_ray.data import transforms
+from dtd_ray.data.sources import parse_idx, parse_source
+from dtd_ray.data.transforms import cifar_augment, prepare_batch
+from dtd_ray.ray.datasets import to_ray_dataset
 
 from conftest import CIFAR10_DIR, FASHION_MNIST_DIR
 
@@ -408,7 +410,7 @@ def test_prepare_arrays_vectorised_and_unnormalised():
     images = rng_image((5, 8, 8, 3), seed=11)
     batch = {"sample_id": np.arange(10, 15), "label": np.arange(5), "image": images}
     out = prepare_batch(batch, preprocessing=Prep(size=8))
-    assert set(out) == set(datasets.PREPARED_COLUMNS)
+    assert set(out) == set(transforms.PREPARED_COLUMNS)
     assert out["sample_id"].dtype == np.int64 and out["label"].dtype == np.int32
     assert out["ok"].dtype == bool and out["ok"].all()
     assert out["image"].dtype == np.uint8
@@ -471,7 +473,7 @@ def rows_by_id(ds) -> dict[str, np.ndarray]:
 
 def test_to_dataset_imagefolder(ray_local, image_tree):
     src = parse_source(f"imagefolder:{image_tree}")
-    ds = src.to_dataset("train", override_num_blocks=2)
+    ds = to_ray_dataset(src, "train", override_num_blocks=2)
     assert ds.num_blocks() == 2
     got, want = rows_by_id(ds), src.read_numpy("train")
     assert set(got) == set(want)
@@ -498,7 +500,7 @@ def test_to_dataset_uri_paths(ray_local, image_tree):
 def test_to_dataset_fashion_mnist(ray_local, tmp_path):
     write_fashion(tmp_path / "fm", n_train=30)
     src = parse_source(f"fashion-mnist:{tmp_path / 'fm'}")
-    ds = src.to_dataset("train", override_num_blocks=3)
+    ds = to_ray_dataset(src, "train", override_num_blocks=3)
     assert ds.num_blocks() == 3 and ds.count() == 30
     got, want = rows_by_id(ds), src.read_numpy("train")
     for name in want:

@@ -7,7 +7,7 @@ lines and aliases such as ``from torch import load`` are seen) and refuse:
 - ``torch.load(...)`` without ``weights_only=True`` (a checkpoint's pickle can run any code);
 - ``pickle.load``/``pickle.loads``/``pickle.Unpickler`` (and ``cPickle``, ``dill``, ``joblib.load``,
   ``pandas.read_pickle``, ``numpy.load(allow_pickle=True)``, ``torch.hub.load``) except the
-  allow-listed CIFAR unpickler in ``dtd_ray/datasets.py``, which resolves only numpy globals;
+  allow-listed CIFAR unpickler in ``dtd_ray/data/sources.py``, which resolves only numpy globals;
 - ``eval``/``exec``/``compile`` (configs are data, parsed by fire's literal parser or yaml.safe_load);
 - ``yaml.load`` without a safe loader, ``yaml.unsafe_load``/``full_load``/``load_all``;
 - ``subprocess`` with ``shell=True``, ``os.system``, ``os.popen``.
@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("dtd_ray", "jobs")
 # (file, class) allowed to subclass pickle.Unpickler: it must override find_class (checked below).
-ALLOWED_UNPICKLERS = {("dtd_ray/datasets.py", "_CifarUnpickler")}
+ALLOWED_UNPICKLERS = {("dtd_ray/data/sources.py", "_CifarUnpickler")}
 
 
 # ----------------------------------------------------------------------------- the scanner
@@ -208,7 +208,7 @@ def test_every_torch_load_uses_weights_only_textually():
 
 
 def test_cifar_unpickler_is_the_only_unpickler_and_is_restricted():
-    src = (ROOT / "dtd_ray/datasets.py").read_text()
+    src = (ROOT / "dtd_ray/data/sources.py").read_text()
     assert "class _CifarUnpickler(pickle.Unpickler)" in src and "def find_class" in src
     import io
     import pickle

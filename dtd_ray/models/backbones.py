@@ -24,18 +24,17 @@ whatever does not fit raises one ``ValueError`` line that says what did not fit.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
-import pickle
 import re
-import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dtd_ray.models.checkpoints import load_checkpoint, load_state_dict_file
+from dtd_ray.models.cifar_resnet import CifarResNet
 
 logger = logging.getLogger(__name__)
 
@@ -237,106 +236,6 @@ def _entry(name: str) -> _Entry:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def _check_sha(label: str, digest: str, sha256: str | None) -> None:
-    if sha256 is None:
-        return
-    expected = sha256.lower()
-    # A prefix (>= 8 hex digits) is what torch.hub / torchvision file names carry.
-    if len(expected) < 8 or not re.fullmatch(r"[0-9a-f]+", expected):
-        raise ValueError(f"sha256 {sha256!r} is not a hex digest (need at least 8 hex digits)")
-    if not digest.startswith(expected):
-        raise ValueError(f"{label}: sha256 mismatch: expected {expected}, file has {digest}")
-
-
-def _fetch(source: str, sha256: str | None) -> tuple[str, str]:
-    """``(local path, sha256 hex)`` of a local file or of an http(s) URL's cached download."""
-    if _is_url(source):
-        filename = os.path.basename(urllib.parse.urlparse(source).path) or "checkpoint"
-        cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
-        path = os.path.join(cache_dir, filename)
-        if not os.path.isfile(path):
-            os.makedirs(cache_dir, exist_ok=True)
-            logger.info("downloading %s to %s", source, path)
-            # download_url_to_file writes to a temporary file and renames, so an
-            # interrupted download never leaves a truncated file in the cache.
-            try:
-                torch.hub.download_url_to_file(source, path, hash_prefix=None, progress=False)
-            except OSError as e:  # URLError is an OSError; offline clusters are common
-                raise RuntimeError(
-                    f"could not download {source} ({e}); without network, put the file at {path} "
-                    "or pass weights=<local file>"
-                ) from e
-        digest = _sha256_file(path)
-        try:
-            _check_sha(source, digest, sha256)
-        except ValueError as e:
-            raise ValueError(f"{e} (cached at {path}; delete it to download again)") from None
-        return path, digest
-    path = os.path.abspath(os.path.expanduser(source))
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {source!r} is not a file")
-    digest = _sha256_file(path)
-    _check_sha(path, digest, sha256)
-    return path, digest
-
-
-# Old torchvision DenseNet checkpoints name layers "norm.1" where the modules are now
-# "norm1" ('.' is no longer allowed in module names); torchvision renames on load.
-_DENSENET_LEGACY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
-)
-
-
-def _unwrap(obj: Any, label: str) -> dict[str, Tensor]:
-    """The flat state dict inside the checkpoint formats people actually save."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{label}: no state dict found (expected a dict of tensors, or one under 'state_dict'/'model')")
-    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(
-            f"{label}: not a state dict: {len(bad)} non-tensor value(s), e.g. {', '.join(map(str, bad[:3]))}"
-        )
-    sd = dict(obj)
-    # DataParallel ("module.") and torch.compile ("_orig_mod.") wrap every key.
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return {(_DENSENET_LEGACY.sub(r"\1\2", k)): v for k, v in sd.items()}
-
-
-def _load_checkpoint(source: str, sha256: str | None) -> tuple[dict[str, Tensor], str, str]:
-    path, digest = _fetch(source, sha256)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r"GLOBAL [\w.]+", str(e))
-        detail = m.group(0) if m else (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(
-            f"checkpoint {source!r} refused: the checkpoint carries code (weights_only=True) and is not "
-            f"loaded; re-save its state_dict with plain tensors ({detail})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"checkpoint {source!r} could not be read: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return _unwrap(obj, f"checkpoint {source!r}"), path, digest
-
-
 def _shape_options(state_dict: Mapping[str, Tensor], entry: _Entry) -> dict[str, int]:
     """``num_classes`` / ``in_channels`` as the checkpoint's tensors have them, where the builder takes them.
 
@@ -354,18 +253,6 @@ def _shape_options(state_dict: Mapping[str, Tensor], entry: _Entry) -> dict[str,
     if convs and "in_channels" in accepted and int(convs[0].shape[1]) != 3:
         out["in_channels"] = int(convs[0].shape[1])
     return out
-
-
-def load_state_dict_file(source: str, *, sha256: str | None = None) -> dict[str, Tensor]:
-    """The state dict in a local file or at an http(s) URL, read with ``weights_only=True``.
-
-    URLs download once into ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME``).
-    ``sha256`` (full hex digest, or a prefix of >= 8 hex digits) is checked when given.
-    Accepts a bare state dict or one under ``'state_dict'``/``'model'``; a
-    ``module.``/``_orig_mod.`` prefix on every key is stripped. Raises ``ValueError``
-    for a hash mismatch, an unreadable file, or a pickle that carries code.
-    """
-    return _load_checkpoint(source, sha256)[0]
 
 
 def _describe_mismatch(
@@ -659,7 +546,7 @@ def get_backbone(
 
     state_dict = path = digest = None
     if source is not None:
-        state_dict, path, digest = _load_checkpoint(source, sha)
+        state_dict, path, digest = load_checkpoint(source, sha)
         # A checkpoint fixes the head and stem shapes: take what was not given from it.
         options = {**_shape_options(state_dict, entry), **options}
 
@@ -711,79 +598,6 @@ def get_backbone(
 
 
 # --------------------------------------------------------------------------- CIFAR ResNets
-class ShortcutA(nn.Module):
-    """Option-A shortcut: subsample by 2 and zero-pad ``planes // 4`` channels on each side.
-
-    Parameter-free, so checkpoints have no shortcut keys; a module rather than the
-    original lambda so that models pickle (Ray ships them between processes).
-    """
-
-    def __init__(self, planes: int) -> None:
-        super().__init__()
-        self.planes = planes
-
-    def forward(self, x: Tensor) -> Tensor:
-        p = self.planes // 4
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))
-
-    def extra_repr(self) -> str:
-        return f"planes={self.planes}"
-
-
-class BasicBlock(nn.Module):
-    """conv3x3-bn-relu-conv3x3-bn, plus the shortcut, then relu."""
-
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = ShortcutA(planes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet for 32×32 inputs (He et al. 2016, §4.2): 3 stages of ``n`` blocks, widths 16/32/64."""
-
-    def __init__(self, num_blocks: int, *, num_classes: int = 10, in_channels: int = 3) -> None:
-        super().__init__()
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._make_layer(16, num_blocks, stride=1)
-        self.layer2 = self._make_layer(32, num_blocks, stride=2)
-        self.layer3 = self._make_layer(64, num_blocks, stride=2)
-        self.linear = nn.Linear(64, num_classes)
-        for m in self.modules():
-            # As the public implementation: Kaiming-normal convs and linear weights.
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
-
-    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        # Global average pool: equals the original avg_pool2d(out, width) on square
-        # inputs and also works for non-square ones.
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.linear(out)
-
-
 def _cifar_builder(depth: int) -> Callable[..., nn.Module]:
     n = (depth - 2) // 6
 

@@ -28,16 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from dtd_ray import config as config_lib
+from dtd_ray.data.sources import parse_source
+from dtd_ray.data.transforms import prepare_batch
+from dtd_ray.models.backbones import get_backbone
 from dtd_ray.models.extractor import FeatureExtractor
 from dtd_ray.models.runtime import check_precision
+from dtd_ray.io import records, schema, storage
 from dtd_ray.ray import cluster
-from dtd_ray.io import records
-from dtd_ray.io import schema
-from dtd_ray.io import storage
+from dtd_ray.ray.datasets import to_ray_dataset
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, n
     if ok.any():
         fs, path = storage.resolve(staging_uri)
         name = f"part-{uuid.uuid4().hex}.parquet"
-        pq.write_table(records.records_to_table(rows), f"{path}/{name}", filesystem=fs)
+        storage.write_parquet(fs, f"{path}/{name}", records.records_to_table(rows))
     skipped = [
         {"sample_id": int(s), "reason": str(e)}
         for s, e in zip(np.asarray(batch[schema.SAMPLE_ID])[~ok], np.asarray(batch["error"])[~ok])
@@ -148,12 +149,9 @@ def plan_resources(cfg: ExtractConfig) -> Resources:
 
 def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None):
     """The Ray Dataset whose rows are per-file summaries (executing it writes the records)."""
-    from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.data.sources import parse_source, prepare_batch
-
     source = source or parse_source(cfg.dataset)
     pre = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization).preprocessing
-    ds = source.to_dataset(split)
+    ds = to_ray_dataset(source, split)
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input},
@@ -370,9 +368,6 @@ def check_extract(cfg: ExtractConfig) -> ExtractCheck:
 
     Raises one-line ``ValueError`` / ``FileNotFoundError`` / ``PermissionError``; needs no Ray.
     """
-    from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.data.sources import parse_source
-
     source = parse_source(cfg.dataset)
     for split in cfg.splits:
         if split not in source.splits():

@@ -1,0 +1,81 @@
+"""The package layers: the core, models, data, io, stages, train and report never import Ray.
+
+Two checks: an AST scan of every module of those packages (an import inside a function
+counts too), and a fresh interpreter that imports every one of them with ``ray`` made
+unimportable. The core also stays free of every other layer (numpy/torch only).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "dtd_ray"
+RAY_FREE = ("core", "models", "data", "io", "stages", "train", "report")
+TOP_LEVEL_RAY_FREE = ("config.py", "__init__.py")
+
+
+def modules(*packages: str) -> list[Path]:
+    return sorted(p for pkg in packages for p in (PKG / pkg).rglob("*.py"))
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module name an ``import`` / ``from … import`` in ``path`` names (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here.rsplit(".", node.level)[0]
+                out.add(f"{base}.{node.module}" if node.module else base)
+            else:
+                out.add(node.module or "")
+    return out
+
+
+def test_every_layer_exists_and_has_modules():
+    for pkg in RAY_FREE + ("ray",):
+        assert (PKG / pkg / "__init__.py").is_file(), pkg
+        assert len(modules(pkg)) >= 2, f"dtd_ray/{pkg} has no modules"
+
+
+@pytest.mark.parametrize("path", modules(*RAY_FREE) + [PKG / f for f in TOP_LEVEL_RAY_FREE],
+                         ids=lambda p: str(p.relative_to(PKG)))
+def test_no_ray_import_in_ray_free_layers(path):
+    bad = sorted(n for n in imported_names(path) if n == "ray" or n.startswith("ray.") or n.startswith("dtd_ray.ray"))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}; only dtd_ray/ray/ and jobs/ may use Ray"
+
+
+@pytest.mark.parametrize("path", modules("core"), ids=lambda p: str(p.relative_to(PKG)))
+def test_core_imports_no_other_layer(path):
+    bad = sorted(n for n in imported_names(path)
+                 if n.startswith("dtd_ray.") and not n.startswith("dtd_ray.core"))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}; the core is numpy/torch only"
+
+
+def test_ray_free_layers_import_with_ray_unimportable():
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+             for p in modules(*RAY_FREE)]
+    code = (
+        "import sys, importlib\n"
+        "class NoRay:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ImportError('ray is unimportable in this check')\n"
+        "sys.meta_path.insert(0, NoRay())\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray got imported'\n"
+        "print('ok', len(sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("ok")
