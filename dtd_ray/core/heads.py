@@ -22,7 +22,6 @@ kept and nothing rescaled. Three implementations that agree to rounding:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
 
 # Largest (n, C, K) block that evaluate_grid materialises at once (elements): a few
 # MB of float64 stays in cache and bounds memory for ImageNet-size heads.

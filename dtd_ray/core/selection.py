@@ -33,7 +33,6 @@ never pretends that ``k1`` mattered; compare them with ``frequency`` at equal ``
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,7 +40,6 @@ import pyarrow as pa
 
 from dtd_ray.core.counting import FreqTables
 
-log = logging.getLogger(__name__)
 
 STRATEGIES = ("frequency", "weight_l1", "contribution", "random")
 K1_INDEPENDENT = ("weight_l1", "contribution", "random")

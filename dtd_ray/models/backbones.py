@@ -83,8 +83,8 @@ class Preprocessing:
     size: int
     resize: int | None = None
     channels: int = 3
-    # Not in the original API sketch: torchvision's EfficientNet v1 weights were
-    # evaluated with bicubic resizing, so the record must say so to reproduce them.
+    # torchvision's EfficientNet v1 weights were evaluated with bicubic resizing, so the
+    # record must say so to reproduce them.
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:

@@ -11,7 +11,6 @@ the :class:`RayHooks` that :mod:`dtd_ray.ray.decompose` passes in.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -28,8 +27,6 @@ from dtd_ray.core.kgrid import parse_k_grid
 from dtd_ray.io import records, schema, storage, tables
 from dtd_ray.models.linear_head import load_head
 from dtd_ray.stages import reduce as stage_reduce
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
