@@ -1,0 +1,177 @@
+"""Class-specific activation maps: where in the image a class's selected channels fire.
+
+For a few test images per class, the class's selected channels of the backbone's last
+block (before pooling) are summed and upsampled over the image, beside the same with
+the random strategy's channels, on one colour scale per image (``cam_<model>.png``).
+The channel indices of a class map are exactly the last block's channels, since the
+penultimate features are their global average (see :func:`last_block_maps`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from dtd_ray.core import selection
+from dtd_ray.data.sources import parse_source
+from dtd_ray.data.transforms import prepare_batch
+from dtd_ray.io.tables import map_from_table
+from dtd_ray.models.backbones import get_backbone
+from dtd_ray.models.runtime import Runtime
+from dtd_ray.report.plots import figure
+
+# The project folder: a sweep's configured relative paths are resolved against it as a last resort.
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def last_block_maps(backbone: Any, x: torch.Tensor) -> torch.Tensor:
+    """The output ``A`` (N, C, h, w) of the backbone's last conv block (before pooling), via a forward hook.
+
+    ``backbone.blocks`` names the stages in forward order (see :class:`dtd_ray.models.backbones.Backbone`).
+    """
+    if not getattr(backbone, "blocks", None):
+        raise ValueError(f"{getattr(backbone, 'name', 'backbone')} names no blocks: no channel maps")
+    name, block = list(backbone.blocks.items())[-1]
+    out: list[torch.Tensor] = []
+    h = block.register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
+    try:
+        with torch.inference_mode():
+            backbone.forward_features(x)
+    finally:
+        h.remove()
+    if not out or out[0].ndim != 4:
+        raise ValueError(f"block {name!r} gave no (N, C, h, w) output")
+    return out[0]
+
+
+def class_activation_maps(*, feature_maps: Any, channels: Any, size: int) -> np.ndarray:
+    """``M_n = up(Σ_{c ∈ channels[n]} A[n, c])``: the chosen channels summed, upsampled to ``size``².
+
+    ``feature_maps`` A is (N, C, h, w); ``channels`` is (N, k) channel indices per
+    instance (its class's map). ``up`` is bilinear interpolation (align_corners False)
+    to ``size × size``. Returns (N, size, size) float32, not normalised.
+    """
+    a = torch.as_tensor(np.asarray(feature_maps), dtype=torch.float32)
+    idx = torch.as_tensor(np.asarray(channels), dtype=torch.long)
+    if a.ndim != 4 or idx.ndim != 2 or idx.shape[0] != a.shape[0]:
+        raise ValueError(f"need feature maps (N, C, h, w) and channels (N, k), got {tuple(a.shape)} and {tuple(idx.shape)}")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= a.shape[1]):
+        raise ValueError(f"channel index out of range [0, {a.shape[1]})")
+    picked = torch.gather(a, 1, idx[:, :, None, None].expand(-1, -1, a.shape[2], a.shape[3]))
+    summed = picked.sum(1, keepdim=True)
+    up = F.interpolate(summed, size=(size, size), mode="bilinear", align_corners=False)
+    return up[:, 0].numpy()
+
+
+def _exists(p: str | None) -> bool:
+    return bool(p) and "://" not in p and os.path.exists(p)
+
+
+def _resolve_path(p: str | None) -> str | None:
+    """A configured local path as it exists from here: as given (relative to the working
+    folder, as the sweep read it), else against the project folder, else unchanged."""
+    if p is None or "://" in p or os.path.isabs(p) or os.path.exists(p) or p in ("default",):
+        return p
+    cand = os.path.join(PROJECT, p)
+    return cand if os.path.exists(cand) else p
+
+
+def cam_figure(
+    *,
+    unit: dict[str, Any],
+    maps_file: str,
+    k: int,
+    strategy: str,
+    n_images: int,
+    max_classes: int,
+    split: str,
+    path: str,
+    correct_only: bool = True,
+) -> dict[str, Any]:
+    """Draw the activation-map figure of one model; returns what it showed (or why not)."""
+    # The sweep's absolute paths where they exist here, else the configured ones from here.
+    weights = unit.get("weights_abs") if _exists(unit.get("weights_abs")) else _resolve_path(unit.get("weights"))
+    backbone = get_backbone(unit["backbone"], weights=weights, normalization=unit.get("normalization"))
+    backbone.eval()
+    maps = pd.read_parquet(maps_file)
+    k1 = k if strategy == "frequency" else selection.K1_NOT_APPLICABLE
+    sel = map_from_table(maps, strategy=strategy, k1=k1, k2=k).idx
+    rnd = map_from_table(maps, strategy="random", k1=selection.K1_NOT_APPLICABLE, k2=k).idx \
+        if (maps["strategy"] == "random").any() else \
+        selection.select_random(num_classes=sel.shape[0], feature_dim=backbone.feature_dim, k2=k, seed=0).idx
+    kind, sep, where = str(unit["dataset"]).partition(":")
+    if sep and _exists(str(unit.get("dataset_abs", "")).partition(":")[2]):
+        src = parse_source(unit["dataset_abs"])
+    else:
+        src = parse_source(f"{kind}:{_resolve_path(where)}" if sep and "://" not in where else unit["dataset"])
+    cols = src.read_numpy(split)
+    labels = np.asarray(cols["label"])
+    C = min(backbone.num_classes, max_classes)
+    pre = backbone.preprocessing
+    # The CPU in strict fp32: a few images per class need no GPU, and the maps stay reproducible anywhere.
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", mean=pre.mean, std=pre.std)
+    picked: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # class, image, cam sel, cam rnd
+    with torch.inference_mode():
+        for c in range(C):
+            rows = np.flatnonzero(labels == c)[: 8 * max(1, n_images)]
+            if not len(rows):
+                continue
+            batch = {name: np.asarray(v)[rows] for name, v in cols.items()}
+            prep = prepare_batch(batch, preprocessing=pre)
+            ok = prep["ok"]
+            imgs = prep["image"][ok]
+            x = rt.images(imgs)
+            a = last_block_maps(backbone, x)
+            if a.shape[1] != backbone.feature_dim:
+                raise ValueError(f"{unit['key']}: the last block has {a.shape[1]} channels but the head "
+                                 f"reads {backbone.feature_dim} features; channel maps do not match the map")
+            pred = backbone.head(a.mean((2, 3))).argmax(1).numpy()
+            good = np.flatnonzero((pred == c) | (not correct_only))[:n_images]
+            if not len(good):
+                continue
+            cs = class_activation_maps(feature_maps=a[good], channels=np.repeat(sel[c][None], len(good), 0),
+                                       size=imgs.shape[1])
+            cr = class_activation_maps(feature_maps=a[good], channels=np.repeat(rnd[c][None], len(good), 0),
+                                       size=imgs.shape[1])
+            for j, g in enumerate(good):
+                picked.append((c, imgs[g], cs[j], cr[j]))
+    if not picked:
+        return {"model": unit["key"], "shown": 0,
+                "reason": "no correctly classified test image" if correct_only else "no test image"}
+    classes = list(src.classes)[:C]
+    rows_c = sorted({p[0] for p in picked})
+    ncol = 3 * n_images
+    fig = figure(1.25 * ncol, 1.3 * len(rows_c) + 0.5)
+    axes = fig.subplots(len(rows_c), ncol, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    # One colour scale per image for both maps (the larger of the two maxima), so the
+    # random channels' map is drawn weaker where its activations are weaker.
+    ratio = []
+    for r, c in enumerate(rows_c):
+        items = [p for p in picked if p[0] == c]
+        for j, (_, img, ms, mr_) in enumerate(items):
+            vmax = max(float(ms.max()), float(mr_.max()), 1e-8)
+            ratio.append(float(ms.sum()) / max(float(mr_.sum()), 1e-8))
+            grey = img[..., 0] if img.shape[-1] == 1 else None
+            for col, (m, title) in enumerate([(None, "image"), (ms, f"{strategy} k={k}"), (mr_, f"random k={k}")]):
+                ax = axes[r, 3 * j + col]
+                if grey is not None:
+                    ax.imshow(grey, cmap="gray")
+                else:
+                    ax.imshow(img)
+                if m is not None:
+                    ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+                if r == 0:
+                    ax.set_title(title, fontsize=7)
+            axes[r, 3 * j].text(-0.1, 0.5, classes[c] if j == 0 else "", transform=axes[r, 3 * j].transAxes,
+                                ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{unit['key']}: last-block channels of the class's map (k = {k}) vs random channels", fontsize=9)
+    fig.savefig(path)
+    return {"model": unit["key"], "shown": len(picked), "classes": len(rows_c),
+            "mass_ratio_median": float(np.median(ratio))}
