@@ -3,7 +3,7 @@
     python jobs/train.py --model cifar_resnet20 --dataset fashion-mnist --epochs 15 \
         --output results/backbones
 
-Runs as a Ray task (on a GPU when the cluster has one) or, with `--ray False`, in this
+Runs as a Ray task (on a GPU when the cluster has one) or, with `--ray false`, in this
 process. The checkpoint loads with `get_backbone(model, weights=<path>)`. `--help`
 lists every option.
 """
@@ -16,7 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.train.backbone import TrainConfig, run_train  # noqa: E402
+from dtd_ray.ray.train import run_train  # noqa: E402
+from dtd_ray.train.backbone import TrainConfig  # noqa: E402
 
 
 def run(cfg: TrainConfig) -> None:

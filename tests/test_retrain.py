@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from dtd_ray.core import heads
-from dtd_ray.io import records
-from dtd_ray.train import retrain
-from dtd_ray.io import schema
-from dtd_ray.io import storage
+from dtd_ray.io import records, schema, storage
+from dtd_ray.ray import trainables
+from dtd_ray.train.finetune import evaluate_backbone, finetune_epoch, subset_rows
+from dtd_ray.train.head import fit_decomposed_head
 
 C, M, K2 = 4, 16, 3
 IDX = np.arange(C * K2).reshape(C, K2)  # class c -> features 3c, 3c+1, 3c+2
@@ -52,7 +52,7 @@ def _fit(toy, **kw):
             "bias": toy["bias"], "idx": IDX, "epochs": 8, "lr": 5e-2, "batch_size": 64,
             "eval_features": toy["eval_features"], "eval_labels": toy["eval_labels"]}
     args.update(kw)
-    return retrain.fit_decomposed_head(**args)
+    return fit_decomposed_head(**args)
 
 
 # --------------------------------------------------------------------------- pure head fit
@@ -184,7 +184,7 @@ def test_head_trainable_reports_checkpoints_and_resumes(ray_local, toy, tmp_path
     space = {"records": str(root), "model": "toy", "head": str(tmp_path / "head.npz"), "idx": IDX.tolist(),
              "epochs": 4, "lr": 5e-2, "batch_size": 64, "strategy": "a label the trainable ignores"}
     # records + head file read inside the trial; it fails once after epoch 2 and Tune restarts it
-    flaky = _flaky(retrain.head_trainable, fail_after_epoch=2, flag=str(tmp_path / "failed_once"))
+    flaky = _flaky(trainables.head_trainable, fail_after_epoch=2, flag=str(tmp_path / "failed_once"))
     grid = _tuner(flaky, param_space=space, tmp_path=tmp_path, name="head", max_failures=1).fit()
     assert not grid.errors and (tmp_path / "failed_once").exists()
     res = grid[0]
@@ -194,7 +194,7 @@ def test_head_trainable_reports_checkpoints_and_resumes(ray_local, toy, tmp_path
     assert {"acc_eval", "loss", "seconds", "acc_decomposed_init", "acc_full", "k2"} <= set(df.columns)
     assert res.metrics["acc_decomposed_init"] < 25 and res.metrics["acc_eval"] > 95
     with res.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / retrain.STATE_FILE, weights_only=True)
+        state = torch.load(Path(d) / trainables.STATE_FILE, weights_only=True)
     assert state["epoch"] == 4 and set(state) >= {"head", "optimizer", "history"}
     # the restarted trial ends exactly where an uninterrupted fit ends
     ref = _fit(toy, epochs=4)
@@ -204,7 +204,7 @@ def test_head_trainable_reports_checkpoints_and_resumes(ray_local, toy, tmp_path
     # data through tune.with_parameters (no records, no head file needed)
     data = {k: toy[k] for k in ("train_features", "train_labels", "eval_features", "eval_labels", "weight", "bias")}
     space2 = {"idx": IDX.tolist(), "epochs": 2, "lr": 5e-2, "batch_size": 64}
-    grid2 = _tuner(tune.with_parameters(retrain.head_trainable, data=data), param_space=space2,
+    grid2 = _tuner(tune.with_parameters(trainables.head_trainable, data=data), param_space=space2,
                    tmp_path=tmp_path, name="head_data").fit()
     assert not grid2.errors and len(grid2) == 1
     r = grid2[0]
@@ -241,9 +241,8 @@ def test_evaluate_backbone_with_a_full_map_equals_the_full_head(tiny):
     bb = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th"))
     rows = parse_source(f"imagefolder:{tiny / 'data'}").read_numpy("test")
     everything = heads.DecomposedHead.from_linear(bb.head, np.tile(np.arange(64), (3, 1)))
-    ev = retrain.evaluate_backbone(backbone=bb, head=everything, rows=rows, batch_size=7,
-                                   extra_heads={"full": bb.head})
-    full = retrain.evaluate_backbone(backbone=bb, head=None, rows=rows, batch_size=24)
+    ev = evaluate_backbone(backbone=bb, head=everything, rows=rows, batch_size=7, extra_heads={"full": bb.head})
+    full = evaluate_backbone(backbone=bb, head=None, rows=rows, batch_size=24)
     assert ev["n"] == 24 and ev["acc"] == ev["acc_full"] == full["acc"]
     assert ev["loss"] == pytest.approx(full["loss"], rel=1e-5)
 
@@ -259,12 +258,60 @@ def test_finetune_epoch_trains_the_backbone_and_keeps_the_map(tiny):
     before = {k: v.clone() for k, v in bb.features.state_dict().items()}
     opt = torch.optim.Adam(list(bb.features.parameters()) + list(head.parameters()), lr=1e-3)
     rows = parse_source(f"imagefolder:{tiny / 'data'}").read_numpy("train")
-    out = retrain.finetune_epoch(backbone=bb, head=head, optimizer=opt, rows=rows, epoch=1, batch_size=10)
+    out = finetune_epoch(backbone=bb, head=head, optimizer=opt, rows=rows, epoch=1, batch_size=10)
     assert out["n"] == 24 and np.isfinite(out["loss"]) and out["seconds"] > 0
     after = bb.features.state_dict()
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
     assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])  # BN in training mode
     assert torch.equal(head.idx, torch.as_tensor(idx)) and not bb.training
+
+
+class CountingScaler(torch.amp.GradScaler):
+    """A GradScaler that counts its optimizer steps."""
+
+    steps = 0
+
+    def step(self, optimizer, *args, **kwargs):
+        self.steps += 1
+        return super().step(optimizer, *args, **kwargs)
+
+
+def test_finetune_epoch_in_fp16_steps_through_the_grad_scaler(tiny):
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.data.sources import parse_source
+
+    torch.manual_seed(0)
+    bb = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th"))
+    head = heads.DecomposedHead.from_linear(bb.head, np.array([[0, 1], [2, 3], [4, 5]]))
+    before = bb.features.conv1.weight.detach().clone()
+    opt = torch.optim.Adam(list(bb.features.parameters()) + list(head.parameters()), lr=1e-3)
+    # a few rows: fp16 convolutions are slow on the CPU
+    rows = subset_rows(rows=parse_source(f"imagefolder:{tiny / 'data'}").read_numpy("train"), max_rows=8, seed=0)
+    scaler = CountingScaler("cpu")  # what Runtime(precision="fp16").grad_scaler() makes on the CPU
+    out = finetune_epoch(backbone=bb, head=head, optimizer=opt, rows=rows, epoch=1, batch_size=4,
+                         precision="fp16", scaler=scaler)
+    assert scaler.is_enabled() and scaler.steps == 2  # 8 rows in batches of 4
+    assert out["n"] == 8 and np.isfinite(out["loss"])
+    assert torch.isfinite(bb.features.conv1.weight).all() and not torch.equal(before, bb.features.conv1.weight)
+    assert bb.features.conv1.weight.dtype == torch.float32  # autocast, not a half-precision model
+
+
+def test_trainables_refuse_use_gpu_without_cuda(toy, tiny):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    # the one device rule (dtd_ray.models.runtime.resolve_device): no silent CPU fallback
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        trainables.head_trainable({"idx": IDX.tolist(), "use_gpu": True}, data=dict(toy))
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        trainables.finetune_trainable({"idx": [[0], [1], [2]], "dataset": f"imagefolder:{tiny / 'data'}",
+                                       "use_gpu": True})
+
+
+def test_trainable_defaults_are_the_mode_tables():
+    from dtd_ray.train import defaults
+
+    assert {k: trainables.HEAD_DEFAULTS[k] for k in defaults.HEAD} == dict(defaults.HEAD)
+    assert {k: trainables.FINETUNE_DEFAULTS[k] for k in defaults.FINETUNE} == dict(defaults.FINETUNE)
 
 
 def test_finetune_trainable_one_epoch_end_to_end_and_resume(ray_local, tiny, tmp_path):
@@ -274,7 +321,7 @@ def test_finetune_trainable_one_epoch_end_to_end_and_resume(ray_local, tiny, tmp
     space = {"model": "cifar_resnet20", "weights": str(tiny / "ckpt.th"), "dataset": f"imagefolder:{tiny / 'data'}",
              "idx": idx, "epochs": 2, "lr": 1e-3, "batch_size": 8, "max_train_rows": 16, "max_eval_rows": 12,
              "cpu_threads": 1}
-    flaky = _flaky(retrain.finetune_trainable, fail_after_epoch=1, flag=str(tmp_path / "failed_once"))
+    flaky = _flaky(trainables.finetune_trainable, fail_after_epoch=1, flag=str(tmp_path / "failed_once"))
     grid = _tuner(flaky, param_space=space, tmp_path=tmp_path, name="finetune", max_failures=1).fit()
     assert not grid.errors and (tmp_path / "failed_once").exists()
     res = grid[0]
@@ -283,10 +330,10 @@ def test_finetune_trainable_one_epoch_end_to_end_and_resume(ray_local, tiny, tmp
     assert (df["n_train"] == 16).all() and (df["n_eval"] == 12).all() and (df["device"] == "cpu").all()
     assert {"acc_eval", "loss", "seconds", "acc_decomposed_init", "acc_full"} <= set(df.columns)
     with res.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / retrain.STATE_FILE, weights_only=True)
+        state = torch.load(Path(d) / trainables.STATE_FILE, weights_only=True)
         assert state["epoch"] == 2 and {"backbone", "head", "optimizer"} <= set(state)
         # the fine-tuned network loads as a backbone whose dense head computes the decomposed logits
-        bb = get_backbone("cifar_resnet20", weights=str(Path(d) / retrain.MODEL_FILE))
+        bb = get_backbone("cifar_resnet20", weights=str(Path(d) / trainables.MODEL_FILE))
     w = bb.head.weight.detach()
     mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, torch.tensor(idx), True)
     assert (w[~mask] == 0).all()

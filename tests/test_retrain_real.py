@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import UPSTREAM_DTD_DIR, needs_shared_data
 
-from dtd_ray.io import records
-from dtd_ray.io import tables
-from dtd_ray.train import retrain
-from dtd_ray.io import schema
+from dtd_ray.io import records, schema, tables
 from dtd_ray.models.linear_head import load_head
+from dtd_ray.ray import trainables
+from dtd_ray.train import defaults
+from dtd_ray.train.head import fit_decomposed_head
 
 pytestmark = needs_shared_data()
 
@@ -41,10 +41,10 @@ def test_head_only_retraining_reaches_target_in_seconds(cifar10_resnet20_records
     w, b, _ = load_head(manifest=records.read_manifest(root, model="cifar_resnet20", split="train"))
     torch.set_num_threads(1)  # as one Tune trial gets it
     t0 = time.perf_counter()
-    res = retrain.fit_decomposed_head(
+    res = fit_decomposed_head(  # the sweep's head-only defaults
         train_features=tr[schema.FEATURES], train_labels=tr[schema.LABEL], weight=w, bias=b, idx=_published_map(),
-        epochs=retrain.HEAD_DEFAULTS["epochs"], lr=retrain.HEAD_DEFAULTS["lr"],
-        batch_size=retrain.HEAD_DEFAULTS["batch_size"], eval_features=te[schema.FEATURES], eval_labels=te[schema.LABEL],
+        epochs=defaults.HEAD["epochs"], lr=defaults.HEAD["lr"], batch_size=defaults.HEAD["batch_size"],
+        weight_decay=defaults.HEAD["weight_decay"], eval_features=te[schema.FEATURES], eval_labels=te[schema.LABEL],
     )
     seconds = time.perf_counter() - t0
     accs = [h["acc_eval"] for h in res["history"]]
@@ -62,7 +62,7 @@ def test_head_trainable_on_records_with_the_manifests_backbone(ray_local, cifar1
     space = {"records": cifar10_resnet20_records, "model": "cifar_resnet20", "idx": _published_map().tolist(),
              "epochs": 5}
     grid = tune.Tuner(
-        tune.with_resources(retrain.head_trainable, {"cpu": 1}),
+        tune.with_resources(trainables.head_trainable, {"cpu": 1}),
         param_space=space,
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="head_real", verbose=0),
     ).fit()
@@ -72,5 +72,5 @@ def test_head_trainable_on_records_with_the_manifests_backbone(ray_local, cifar1
     assert res.metrics["acc_decomposed_init"] == pytest.approx(PUBLISHED_DECOMPOSED, abs=0.005)
     assert res.metrics["acc_eval"] >= TARGET
     with res.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / retrain.STATE_FILE, weights_only=True)
+        state = torch.load(Path(d) / trainables.STATE_FILE, weights_only=True)
     assert state["epoch"] == 5 and state["head"]["weight"].shape == (10, 5)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dtd_ray import config as config_lib
 from dtd_ray.models.backbones import get_backbone
-from dtd_ray.train.backbone import TrainConfig, one_cycle_lr, run_train
+from dtd_ray.ray.train import run_train as run_train_on_ray
+from dtd_ray.train.backbone import TrainConfig, one_cycle_lr, run_train, train_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_one_cycle_lr_warms_up_then_decays_to_zero():
@@ -18,12 +26,9 @@ def test_one_cycle_lr_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[15:], lrs[16:])) and lrs[-1] < 1e-3
 
 
-@pytest.fixture(scope="module")
-def grey_folder(tmp_path_factory):
-    """Two 28-px grey classes that differ in brightness: learnable in a couple of epochs."""
-    root = tmp_path_factory.mktemp("grey")
+def _grey(root: Path, *, train: int, test: int) -> Path:
     rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("test", 32)):
+    for split, n in (("train", train), ("test", test)):
         for c, level in (("dark", 40), ("light", 200)):
             d = root / split / c
             d.mkdir(parents=True)
@@ -31,6 +36,18 @@ def grey_folder(tmp_path_factory):
                 img = np.clip(rng.normal(level, 30, (28, 28)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def grey_folder(tmp_path_factory):
+    """Two 28-px grey classes that differ in brightness: learnable in a couple of epochs."""
+    return _grey(tmp_path_factory.mktemp("grey"), train=64, test=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_grey_folder(tmp_path_factory):
+    """The same with 8 train and 4 test images per class, for the slow CPU fp16 path."""
+    return _grey(tmp_path_factory.mktemp("tiny_grey"), train=8, test=4)
 
 
 def test_train_writes_a_loadable_checkpoint_and_record(grey_folder, tmp_path):
@@ -52,8 +69,38 @@ def test_train_refuses_data_the_model_cannot_take(grey_folder, tmp_path):
         run_train(cfg)
 
 
+def test_train_in_fp16_steps_through_the_grad_scaler(tiny_grey_folder):
+    # explicit fp16 on the CPU: autocast to half and a live GradScaler ("auto" is fp32 there)
+    cfg = TrainConfig(model="cifar_resnet8", dataset=f"imagefolder:{tiny_grey_folder}", in_channels=1, epochs=1,
+                      batch_size=8, lr=0.05, augment=None, precision="fp16", ray=False)
+    result = train_backbone(cfg)
+    assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss"])
+    floats = [v for v in result["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)
+
+
+def test_cli_ray_false_is_false():
+    cfg = config_lib.run_cli(TrainConfig, lambda c: c, summary="", argv=["--ray", "false"])
+    assert cfg.ray is False
+    cfg = config_lib.run_cli(TrainConfig, lambda c: c, summary="", argv=["--ray", "False", "--epochs", "2"])
+    assert cfg.ray is False and cfg.epochs == 2
+
+
+def test_train_job_with_ray_false_runs_in_process(tiny_grey_folder, tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--model", "cifar_resnet8", "--dataset",
+         f"imagefolder:{tiny_grey_folder}", "--in_channels", "1", "--epochs", "1", "--batch_size", "8",
+         "--ray", "false", "--output", str(tmp_path), "--name", "job"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[train] done: job" in res.stdout and "Started a local Ray instance" not in res.stdout + res.stderr
+    record = json.loads((tmp_path / "job.json").read_text())
+    assert record["config"]["ray"] is False and (tmp_path / "job.th").exists()
+
+
 def test_train_as_a_ray_task(ray_local, grey_folder, tmp_path):
     cfg = TrainConfig(model="cifar_resnet8", dataset=f"imagefolder:{grey_folder}", in_channels=1, epochs=1,
                       batch_size=32, output=str(tmp_path), name="task")
-    record = run_train(cfg)
+    record = run_train_on_ray(cfg)
     assert record["device"] == "cpu" and (tmp_path / "task.th").exists()

@@ -1,8 +1,10 @@
 """Train a CIFAR-style ResNet of any depth on any dataset source (the project's own backbones).
 
 The training loop is plain PyTorch (:func:`train_backbone`), so it runs in a Ray task on
-a GPU node, in-process on a bare GPU box, or on a CPU. :func:`run_train` writes the
-checkpoint in the public CIFAR-ResNet format (``{'state_dict', 'best_prec1'}``, which
+a GPU node (:mod:`dtd_ray.ray.train`), in-process on a bare GPU box, or on a CPU. Device,
+precision, memory format and normalisation come from :class:`dtd_ray.models.runtime.Runtime`
+("auto": fp16 autocast with loss scaling on CUDA, fp32 on the CPU). :func:`run_train` writes
+the checkpoint in the public CIFAR-ResNet format (``{'state_dict', 'best_prec1'}``, which
 :func:`dtd_ray.models.backbones.get_backbone` loads by path) and a JSON record beside it with
 the resolved config, the per-epoch log, the test accuracy and the checkpoint's sha256.
 """
@@ -15,14 +17,20 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dtd_ray import config as config_lib
+from dtd_ray.data.sources import parse_source
+from dtd_ray.data.transforms import cifar_augment, prepare_batch
+from dtd_ray.models.backbones import get_backbone
+from dtd_ray.models.runtime import Runtime, check_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,8 @@ class TrainConfig:
     in_channels: int | None = None  # image channels (None: those of an array source, else 3); 1 → 28 px, 3 → 32 px
     normalization: str | None = None  # mean/std (None: the model's default for the data's channels)
     seed: int = 0  # seeds the initialisation, the shuffling and the augmentation
-    use_gpu: bool | None = None  # None: a GPU if the cluster (or, with --ray False, this machine) has one
+    use_gpu: bool | None = None  # None: a GPU if the cluster (or, with --ray false, this machine) has one
+    precision: str = "auto"  # dtd_ray.models.runtime: "auto" = fp16 autocast + loss scaling on GPU, fp32 on CPU; fp32, tf32, bf16, fp16
     cpu_threads: int | None = None  # torch threads on CPU (None: all cores)
     ray: bool = True  # run as a Ray task (a GPU task when the cluster has GPUs); False: in this process
     output: str = "runs/train"  # writes <output>/<name>.th and <output>/<name>.json
@@ -55,8 +64,6 @@ class TrainConfig:
 
 def load_split(*, dataset: str, split: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 (N, H, W, C), labels int64)`` of a split, decoded and sized for the model."""
-    from dtd_ray.data.sources import parse_source, prepare_batch
-
     src = parse_source(dataset)
     out = prepare_batch(src.read_numpy(split), preprocessing=preprocessing, on_bad_input="skip")
     ok = out["ok"]
@@ -79,16 +86,14 @@ def one_cycle_lr(step: int, *, total: int, peak: float, warmup_frac: float = 0.1
 
 
 @torch.inference_mode()
-def evaluate(model, *, images: np.ndarray, labels: np.ndarray, mean, std, device, batch_size: int = 1000,
-             autocast_dtype=None) -> float:
-    """Top-1 accuracy (percent) of ``model`` on uint8 NHWC ``images``."""
-    from dtd_ray.models.runtime import normalize_images
-
+def evaluate(model: nn.Module, *, images: np.ndarray, labels: np.ndarray, runtime: Runtime,
+             batch_size: int = 1000) -> float:
+    """Top-1 accuracy (percent) of ``model`` on uint8 NHWC ``images``, run as ``runtime`` says."""
     model.eval()
     correct = 0
     for lo in range(0, len(images), batch_size):
-        x = normalize_images(torch.from_numpy(images[lo:lo + batch_size]).to(device), mean=mean, std=std)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        x = runtime.images(images[lo:lo + batch_size])
+        with runtime.autocast():
             pred = model(x).argmax(1).cpu().numpy()
         correct += int((pred == labels[lo:lo + batch_size]).sum())
     return 100.0 * correct / max(1, len(images))
@@ -98,12 +103,10 @@ def train_backbone(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` from scratch; returns ``state_dict``, ``history``, ``acc`` and the device used.
 
     Cross-entropy, SGD with Nesterov momentum and weight decay, one-cycle learning rate
-    (:func:`one_cycle_lr`) per step; bf16 autocast on a GPU, fp32 on CPU.
+    (:func:`one_cycle_lr`) per step; precision per ``cfg.precision`` (``Runtime``: "auto" is
+    fp16 autocast with a gradient scaler on a GPU, fp32 on CPU).
     """
-    from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.data.sources import cifar_augment, parse_source
-    from dtd_ray.models.runtime import normalize_images, resolve_device
-
+    check_precision(cfg.precision)
     device = resolve_device(cfg.use_gpu)
     if device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -117,12 +120,9 @@ def train_backbone(cfg: TrainConfig) -> dict[str, Any]:
     x_tr, y_tr = load_split(dataset=cfg.dataset, split=cfg.train_split, preprocessing=pre)
     x_te, y_te = load_split(dataset=cfg.dataset, split=cfg.eval_split, preprocessing=pre)
     ids = np.arange(len(x_tr), dtype=np.int64)
-    model = model.to(device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    mean = torch.tensor(pre.mean, device=device)
-    std = torch.tensor(pre.std, device=device)
+    rt = Runtime(device=device, precision=cfg.precision, mean=pre.mean, std=pre.std)
+    model = rt.prepare(model)
+    scaler = rt.grad_scaler()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases: no weight decay
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
@@ -143,31 +143,30 @@ def train_backbone(cfg: TrainConfig) -> dict[str, Any]:
         seen = 0
         for b in range(steps_per_epoch):
             sel = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = normalize_images(torch.from_numpy(x_ep[sel]).to(device, non_blocking=True), mean=mean, std=std)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(y_tr[sel]).to(device)
+            x, y = rt.images(x_ep[sel]), rt.labels(y_tr[sel])
             for g in opt.param_groups:
                 g["lr"] = one_cycle_lr(step, total=total, peak=cfg.lr)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with rt.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            # a disabled scaler (every precision but fp16) passes the loss and the step through unchanged
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             loss_sum += loss.detach() * len(sel)
             correct += (logits.argmax(1) == y).sum()
             seen += len(sel)
-        acc = evaluate(model, images=x_te, labels=y_te, mean=mean, std=std, device=device,
-                       autocast_dtype=autocast_dtype)
+        acc = evaluate(model, images=x_te, labels=y_te, runtime=rt)
         row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, seen), "train_acc": 100.0 * int(correct) / max(1, seen),
                "eval_acc": acc, "seconds": time.perf_counter() - t0}
         history.append(row)
         print(f"[train] {cfg.stem} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} "
               f"train {row['train_acc']:.2f} % {cfg.eval_split} {acc:.2f} % ({row['seconds']:.1f} s)", flush=True)
     # fp32 evaluation of the final weights: the number recorded with the checkpoint
-    final = evaluate(model.float(), images=x_te, labels=y_te, mean=mean, std=std, device=device)
+    final = evaluate(model, images=x_te, labels=y_te,
+                     runtime=Runtime(device=device, precision="fp32", mean=pre.mean, std=pre.std))
     sd = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
           for k, v in model.state_dict().items()}
     return {"state_dict": sd, "history": history, "acc": final, "device": str(device),
@@ -204,20 +203,13 @@ def save_result(cfg: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (in a Ray task when ``cfg.ray``; GPU task only when the cluster has GPUs) and save."""
-    if cfg.ray:
-        import ray
+def run_train(cfg: TrainConfig, *, train: Callable[[TrainConfig], dict[str, Any]] = train_backbone) -> dict[str, Any]:
+    """Train with ``train`` and save; returns the record.
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
-        if use_gpu and not gpus:
-            raise RuntimeError("use_gpu=True but the Ray cluster has no GPU (the task would wait forever)")
-        task_cfg = TrainConfig(**{**config_lib.to_dict(cfg), "use_gpu": use_gpu, "ray": False})
-        remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(train_backbone)
-        result = ray.get(remote.remote(task_cfg))
-    else:
-        result = train_backbone(cfg)
+    ``train`` defaults to :func:`train_backbone` in this process; the Ray layer
+    (:func:`dtd_ray.ray.train.run_train`) passes a Ray task instead when ``cfg.ray``.
+    """
+    result = train(cfg)
     record = save_result(cfg, result)
     print(f"[train] done: {cfg.stem} {cfg.eval_split} accuracy {record['eval_acc']:.2f} % on {record['device']} "
           f"-> {os.path.join(cfg.output, record['checkpoint'])}", flush=True)
