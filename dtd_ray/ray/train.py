@@ -11,13 +11,14 @@ from typing import Any
 import ray
 
 from dtd_ray import config as config_lib
+from dtd_ray.ray import cluster
 from dtd_ray.train import backbone
 from dtd_ray.train.backbone import TrainConfig, train_backbone
 
 
 def train_as_task(cfg: TrainConfig) -> dict[str, Any]:
     """:func:`train_backbone` in a Ray task (one CPU, plus a GPU when the cluster has one); its result."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = int(cluster.probe().gpus)
     use_gpu = bool(gpus) if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and not gpus:
         raise RuntimeError("use_gpu=True but the Ray cluster has no GPU (the task would wait forever)")
