@@ -90,7 +90,7 @@ def coerce_value(name: str, annotation: Any, value: Any) -> Any:
 
     fire passes ``--overwrite false`` as the string ``"false"`` (truthy: a finished partition
     would be deleted) and ``--kmax abc`` as ``"abc"`` (a TypeError deep inside). ``none`` /
-    ``null`` mean ``None`` where the field allows it.
+    ``null`` mean ``None`` where the field allows it (and ``auto`` for an optional bool).
     """
     kinds = {t.strip() for t in str(annotation).split("|")}
     base = kinds - {"None"}
@@ -99,6 +99,8 @@ def coerce_value(name: str, annotation: Any, value: Any) -> Any:
     (kind,) = base
     if "None" in kinds and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
         return None
+    if kinds == {"bool", "None"} and isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # an optional switch (use_gpu): None means "decide from the cluster"
     if kind == "bool":
         parsed = parse_bool(value)
         ok = parsed is not None
@@ -137,6 +139,29 @@ def coerce_option_types(cfg: Any) -> None:
         setattr(cfg, f.name, coerce_value(f.name, f.type, getattr(cfg, f.name)))
 
 
+def option_names(cls: type, argv: list[str]) -> list[str]:
+    """The names of the options of dataclass ``cls`` present in ``argv``, in order, as :func:`run_cli`
+    reads them (``--name value``, ``--name=value``, ``--flag``, ``--noflag``; dashes as underscores).
+
+    A stray positional word or a name that is not a field raises a one-line ``ValueError``.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"unexpected argument {tok!r}: options are --name value (see --help)")
+        name = tok[2:].split("=", 1)[0].replace("-", "_")
+        if name.startswith("no") and name[2:].lstrip("_") in names:
+            name = name[2:].lstrip("_")
+        check_keys(cls, {name: None})
+        out.append(name)
+        has_value = "=" in tok or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        i += 2 if has_value and "=" not in tok else 1
+    return out
+
+
 def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None) -> Any:
     """Parse ``--flag value`` options into dataclass ``cls`` with fire and call ``run`` on it.
 
@@ -154,18 +179,7 @@ def run_cli(cls: type, run: Any, *, summary: str, argv: list[str] | None = None)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             print(f"  --{f.name} (default {default!r}): {comments.get(f.name, '')}")
         return None
-    names = {f.name for f in dataclasses.fields(cls)}
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--"):
-            raise ValueError(f"unexpected argument {tok!r}: options are --name value (see --help)")
-        name = tok[2:].split("=", 1)[0].replace("-", "_")
-        if name.startswith("no") and name[2:].lstrip("_") in names:
-            name = name[2:].lstrip("_")
-        check_keys(cls, {name: None})
-        has_value = "=" in tok or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
-        i += 2 if has_value and "=" not in tok else 1
+    option_names(cls, argv)  # refuse stray words and unknown names before anything runs
 
     def main(**flags: Any) -> Any:
         # Typed here, for every config class alike: no class can forget to (``--ray false`` is False).

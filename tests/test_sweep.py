@@ -8,6 +8,7 @@ summary, and a rerun that resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -152,10 +153,10 @@ def test_help_lists_every_option(capsys):
     sweep.main(["--help"], summary="summary line")
     out = capsys.readouterr().out
     for cls in (sweep.SweepConfig,):
-        for f in sweep.dataclasses.fields(cls):
+        for f in dataclasses.fields(cls):
             assert f"--{f.name} (default" in out
     for cls in (sweep.ModelSpec, sweep.RetrainSpec):
-        for f in sweep.dataclasses.fields(cls):
+        for f in dataclasses.fields(cls):
             assert f"  {f.name} " in out
     assert "Presets: cifar10_resnets, imagenet_resnets, quickstart" in out
 
@@ -247,8 +248,7 @@ RETRAIN = {
 
 @pytest.fixture(scope="module")
 def swept(ray_local, tiny, tmp_path_factory):
-    """One sweep of the tiny project with all three retrain modes (needs dtd_ray.train.retrain)."""
-    pytest.importorskip("dtd_ray.train.retrain", reason="dtd_ray.train.retrain (the trainables) is not in this checkout")
+    """One sweep of the tiny project with all three retrain modes."""
     out = tmp_path_factory.mktemp("sweep_out")
     cfg = sweep.load_config(str(write_tiny_config(tiny, retrain=RETRAIN)), {"output": str(out)})
     res = sweep.run_sweep(cfg)

@@ -1,0 +1,276 @@
+"""The sweep's plan: its (model, dataset) units and its trials, validated before Ray starts.
+
+A trial's id hashes :func:`trial_identity` (what the trial computes, never its resources):
+a rerun finds the rows of finished trials under the same ids and skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtd_ray import config as config_lib
+from dtd_ray.core import selection
+from dtd_ray.core.kgrid import parse_k_grid
+from dtd_ray.io import schema
+from dtd_ray.ray.extract import ExtractCheck, ExtractConfig, check_extract
+from dtd_ray.ray.sweep.config import ModelSpec, RetrainSpec, SweepConfig, resolve_models, resolve_retrain, substitute
+from dtd_ray.stages.decompose import DecomposeConfig
+
+
+def dataset_name(spec: str) -> str:
+    """A short name for a dataset source: the folder name for image folders, else the kind."""
+    kind, _, path = spec.partition(":")
+    if kind == "imagefolder" and path:
+        return os.path.basename(path.rstrip("/")) or kind
+    return kind
+
+
+def _is_local_file(weights: str | None) -> bool:
+    if weights in (None, "default"):
+        return False
+    w = str(weights)
+    return not (w.startswith("torchvision:") or "://" in w or re.fullmatch(r"\w+_Weights\.\w+", w))
+
+
+def _abs_weights(weights: str | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(weights)) if _is_local_file(weights) else weights
+
+
+def _abs_dataset(spec: str) -> str:
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or "://" in path:
+        return spec
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
+
+
+def _under_ray_job() -> bool:
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+@dataclass
+class Unit:
+    """One (model, dataset) pair: one records partition, one decomposition."""
+
+    key: str  # records partition key (the `model` column)
+    model: ModelSpec
+    dataset: str  # as configured (after ${data_root})
+    dataset_abs: str  # local paths made absolute (what remote code reads)
+    weights_abs: str | None
+
+    @property
+    def dataset_short(self) -> str:
+        return dataset_name(self.dataset)
+
+
+@dataclass
+class TrialSpec:
+    trial_id: str
+    unit: str
+    mode: str
+    strategy: str
+    k: int
+    k1: int
+    identity: dict[str, Any]  # what trial_id hashes
+
+
+@dataclass
+class SweepPlan:
+    """The resolved sweep: its output, k grid, units, retrain modes and trials."""
+
+    cfg: SweepConfig
+    output: str  # absolute local path or URI
+    grid: list[int]
+    units: list[Unit]
+    modes: dict[str, RetrainSpec]
+    trials: list[TrialSpec]
+    extract_checks: dict[str, ExtractCheck] = field(default_factory=dict)  # unit key -> its checked inputs
+
+    def trials_of(self, mode: str, unit: str | None = None) -> list[TrialSpec]:
+        return [t for t in self.trials if t.mode == mode and (unit is None or t.unit == unit)]
+
+
+def resolve_output(cfg: SweepConfig) -> str:
+    out = cfg.output or f"runs/{cfg.name}"
+    if "://" in out:
+        return out.rstrip("/")
+    return os.path.abspath(os.path.expanduser(out))
+
+
+def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, strategy: str, k: int) -> dict[str, Any]:
+    """What a trial computes, the dict its ``trial_id`` hashes (changing it changes every committed id)."""
+    k1 = selection.K1_NOT_APPLICABLE if strategy in selection.K1_INDEPENDENT else k
+    ident: dict[str, Any] = {
+        "v": schema.TRIALS_SCHEMA_VERSION,
+        "model": unit.key,
+        "backbone": unit.model.name,
+        "weights": unit.model.weights,
+        "normalization": unit.model.normalization,
+        "dataset": unit.dataset,
+        "kmax": cfg.kmax,
+        "train_split": cfg.train_split,
+        "eval_split": cfg.eval_split,
+        "select_augment": cfg.select_augment,
+        "correct_only": cfg.correct_only,
+        "seed": cfg.seed,
+        "strategy": strategy,
+        "k1": k1,
+        "k2": k,
+        "mode": mode,
+    }
+    if mode != "none":
+        ident.update(epochs=int(spec.epochs), lr=float(spec.lr), batch_size=int(spec.batch_size),
+                     weight_decay=float(spec.weight_decay or 0.0))
+    if mode == "finetune":
+        ident.update(augment=spec.augment, precision=spec.precision, max_train_rows=spec.max_train_rows,
+                     max_eval_rows=spec.max_eval_rows)
+    return ident
+
+
+def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> SweepPlan:
+    """Validate the whole sweep and list its units and trials, before Ray starts.
+
+    With ``check_inputs`` also checks checkpoints, datasets, splits and the output
+    (``dtd_ray.ray.extract.check_extract``): a missing checkpoint is one clear line.
+    """
+    if not cfg.name:
+        cfg.name = "sweep"  # built directly rather than by load_config
+    grid = parse_k_grid(cfg.k, name="k")
+    strategies = tuple(cfg.strategies)
+    bad = [s for s in strategies if s not in selection.STRATEGIES]
+    if bad or not strategies:
+        raise ValueError(f"unknown strategy {bad[0] if bad else '(none)'!r}; valid: {', '.join(selection.STRATEGIES)}")
+    if "frequency" in strategies and grid[-1] > cfg.kmax:
+        raise ValueError(f"k={grid[-1]} > kmax={cfg.kmax}: frequency maps need k1 ≤ kmax (raise --kmax)")
+    if cfg.train_split == cfg.eval_split:
+        raise ValueError(f"train_split and eval_split are both {cfg.train_split!r}")
+    models = resolve_models(cfg)
+    modes = resolve_retrain(cfg, grid)
+    if not modes:
+        raise ValueError("no retrain mode to run (retrain: is empty or --modes selects none)")
+    output = resolve_output(cfg)
+
+    units: list[Unit] = []
+    for m in models:
+        dsets = m.datasets if m.datasets is not None else tuple(
+            substitute(d, cfg.data_root, "datasets") for d in cfg.datasets)
+        if not dsets:
+            raise ValueError(f"model {m.key}: no dataset (set `datasets:`)")
+        for d in dsets:
+            key = m.key if len(dsets) == 1 else f"{m.key}__{dataset_name(d)}"
+            if not re.fullmatch(r"[\w.+-]+", key):
+                raise ValueError(f"model tag {key!r} may only use letters, digits, '_', '.', '+', '-' "
+                                 "(it names a records partition)")
+            units.append(Unit(key=key, model=m, dataset=d, dataset_abs=_abs_dataset(d), weights_abs=_abs_weights(m.weights)))
+    keys = [u.key for u in units]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"model tag(s) {', '.join(dup)} appear twice; give the entries distinct `tag:`s")
+
+    trials: list[TrialSpec] = []
+    for mode, spec in modes.items():
+        ks = grid if spec.k is None else [k for k in spec.k if k in grid]
+        if spec.k is not None and len(ks) < len(spec.k):
+            off = [k for k in spec.k if k not in grid]
+            print(f"[sweep] note: retrain.{mode}.k {off} not in the k grid {grid}: skipped", flush=True)
+        strats = strategies if spec.strategies is None else tuple(s for s in spec.strategies if s in strategies)
+        tags = {m.key for m in models}
+        if spec.models is not None and not set(spec.models) <= tags:
+            off = sorted(set(spec.models) - tags)
+            print(f"[sweep] note: retrain.{mode}.models {off} not among the sweep's models: skipped", flush=True)
+        for u in units:
+            if spec.models is not None and u.model.key not in spec.models:
+                continue
+            for s in strats:
+                for k in ks:
+                    ident = trial_identity(cfg, u, mode, spec, s, k)
+                    trials.append(TrialSpec(trial_id=config_lib.config_hash(ident), unit=u.key, mode=mode,
+                                            strategy=s, k=k, k1=ident["k1"], identity=ident))
+    plan = SweepPlan(cfg=cfg, output=output, grid=grid, units=units, modes=modes, trials=trials)
+    if check_inputs:
+        _check_inputs(plan)
+    return plan
+
+
+def _check_inputs(plan: SweepPlan) -> None:
+    """Checkpoints, datasets, splits and the output of every unit (fills ``plan.extract_checks``)."""
+    cfg = plan.cfg
+    job_hint = ""
+    if _under_ray_job():
+        job_hint = (f" (this driver runs under `ray job submit` in {os.getcwd()}, a copy of the project: "
+                    "pass an absolute --data_root / paths or URIs)")
+    for u in plan.units:
+        w = u.weights_abs
+        if _is_local_file(u.model.weights) and not os.path.isfile(w):
+            hint = ""
+            if str(u.model.weights).startswith("results/backbones"):
+                hint = "; the project's own backbones are trained by jobs/train.py and committed under results/backbones/"
+            raise FileNotFoundError(f"checkpoint of model {u.key} not found: {u.model.weights} -> {w}{hint}{job_hint}")
+        try:
+            plan.extract_checks[u.key] = check_extract(extract_config(plan, u))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"model {u.key} on {u.dataset}: {e}{job_hint}") from None
+    if _under_ray_job() and "://" not in (cfg.output or "") and not os.path.isabs(cfg.output or "runs"):
+        print(f"[sweep] warning: output {cfg.output or f'runs/{cfg.name}'!r} is relative and this driver runs under "
+              f"`ray job submit`: results land in {plan.output} (inside the job's copy of the project); "
+              "pass --output /abs/path or s3://…", flush=True)
+
+
+def extract_config(plan: SweepPlan, unit: Unit, *, use_gpu: bool | None = None) -> ExtractConfig:
+    """The extraction config of one unit (both splits, the sweep's kmax and seed)."""
+    cfg = plan.cfg
+    splits = tuple(dict.fromkeys((cfg.train_split, cfg.eval_split)))
+    return ExtractConfig(
+        model=unit.model.name,
+        weights=unit.weights_abs,
+        normalization=unit.model.normalization,
+        dataset=unit.dataset_abs,
+        splits=splits,
+        output=plan.output,
+        tag=unit.key,
+        kmax=cfg.kmax,
+        batch_size=unit.model.batch_size or cfg.extract_batch_size,
+        use_gpu=use_gpu,
+        seed=cfg.seed,
+        overwrite=cfg.overwrite,
+    )
+
+
+def decompose_config(plan: SweepPlan, unit: Unit) -> DecomposeConfig:
+    """The decompose config of one unit: every strategy and every k1 of the grid, k2 ≤ k1."""
+    cfg = plan.cfg
+    grid = plan.grid
+    analysis_k = 5 if 5 in grid else None
+    return DecomposeConfig(
+        records=f"{plan.output}/records",
+        model=unit.key,
+        split=cfg.eval_split,
+        select_split=cfg.train_split,
+        select_augment=cfg.select_augment,
+        select_seed=cfg.seed,
+        extract_missing=cfg.select_augment is not None,
+        correct_only=cfg.correct_only,
+        strategies=tuple(cfg.strategies),
+        k1=list(grid),
+        k2_max=int(grid[-1]),
+        seed=cfg.seed,
+        analysis_k=analysis_k,
+        print_k=list(grid),
+        output=f"{plan.output}/decompose",
+    )
+
+
+def describe(plan: SweepPlan) -> str:
+    """The plan in a few ``[sweep]`` lines: units, modes and trial counts."""
+    head = (f"[sweep] {plan.cfg.name}: {len(plan.units)} unit(s) × k {plan.grid} × strategies "
+            f"{','.join(plan.cfg.strategies)} × modes {','.join(plan.modes)} -> {len(plan.trials)} trials; "
+            f"output {plan.output}")
+    lines = [head]
+    for u in plan.units:
+        lines.append(f"[sweep]   {u.key}: {u.model.name} weights={u.model.weights} on {u.dataset}")
+    for mode in plan.modes:
+        n = len(plan.trials_of(mode))
+        lines.append(f"[sweep]   mode {mode}: {n} trial(s)")
+    return "\n".join(lines)
