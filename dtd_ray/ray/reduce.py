@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
 
-from dtd_ray.core.counting import CountAccumulator, FreqTables, parse_k1, partial_counts
+from dtd_ray.core.counting import FreqTables, partial_counts
 from dtd_ray.io import records
-from dtd_ray.stages.reduce import base_options, record_columns
+from dtd_ray.stages.reduce import accumulator_for, base_options, record_columns
 
 
 class _PartialCountsFn:
@@ -49,31 +49,16 @@ def reduce_ray(
     agree to rounding).
     """
     uri, fs, path, manifest = records.partition_info(root, model=model, split=split)
-    kmax, m, C = int(manifest["kmax"]), int(manifest["feature_dim"]), int(manifest["num_classes"])
-    grid = parse_k1(k1_grid, kmax=kmax)
+    acc = accumulator_for(manifest, k1_grid=k1_grid, correct_only=correct_only, with_feature_sums=with_feature_sums)
     cols = record_columns(with_mass=True, correct_only=correct_only, with_feature_sums=with_feature_sums)
     # the partition's data files exactly as pyarrow lists them (manifest, staging folders excluded)
     files = sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
     if not files:
         raise FileNotFoundError(f"no Parquet files in {uri}")
     ds = ray.data.read_parquet(files, filesystem=fs, columns=cols, partitioning=None)
-    kwargs = dict(
-        num_classes=C,
-        feature_dim=m,
-        k1_grid=[int(v) for v in grid],
-        kmax=kmax,
-        correct_only=correct_only,
-        with_feature_sums=with_feature_sums,
-    )
+    kwargs = dict(num_classes=acc.C, feature_dim=acc.m, k1_grid=[int(v) for v in acc.k1_grid], kmax=acc.kmax,
+                  correct_only=correct_only, with_feature_sums=with_feature_sums)
     parts = ds.map_batches(_PartialCountsFn, fn_constructor_kwargs=kwargs, batch_size=batch_rows, batch_format="pyarrow")
-    acc = CountAccumulator(
-        num_classes=C,
-        feature_dim=m,
-        k1_grid=grid,
-        kmax=kmax,
-        with_feature_sums=with_feature_sums,
-        correct_only=correct_only,
-    )
     for batch in parts.iter_batches(batch_format="numpy", batch_size=None):
         acc.add_partial(batch)
     opts = base_options(manifest, model=model, split=split, correct_only=correct_only)

@@ -40,6 +40,21 @@ def base_options(manifest: dict[str, Any], *, model: str, split: str, correct_on
     }
 
 
+def accumulator_for(manifest: dict[str, Any], *, k1_grid: Any, correct_only: bool, with_feature_sums: bool,
+                    buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> CountAccumulator:
+    """An empty :class:`CountAccumulator` shaped by a records partition's manifest (C, m, kmax) and ``k1_grid``."""
+    kmax = int(manifest["kmax"])
+    return CountAccumulator(
+        num_classes=int(manifest["num_classes"]),
+        feature_dim=int(manifest["feature_dim"]),
+        k1_grid=parse_k1(k1_grid, kmax=kmax),
+        kmax=kmax,
+        with_feature_sums=with_feature_sums,
+        correct_only=correct_only,
+        buffer_bytes=buffer_bytes,
+    )
+
+
 def reduce_partition(
     root: str,
     *,
@@ -58,24 +73,15 @@ def reduce_partition(
     tables plus one batch plus the count buffer, whatever the number of records.
     """
     uri, fs, path, manifest = records.partition_info(root, model=model, split=split)
-    kmax, m, C = int(manifest["kmax"]), int(manifest["feature_dim"]), int(manifest["num_classes"])
-    grid = parse_k1(k1_grid, kmax=kmax)
-    acc = CountAccumulator(
-        num_classes=C,
-        feature_dim=m,
-        k1_grid=grid,
-        kmax=kmax,
-        with_feature_sums=with_feature_sums,
-        correct_only=correct_only,
-        buffer_bytes=buffer_bytes,
-    )
+    acc = accumulator_for(manifest, k1_grid=k1_grid, correct_only=correct_only,
+                          with_feature_sums=with_feature_sums, buffer_bytes=buffer_bytes)
     cols = record_columns(with_mass=True, correct_only=correct_only, with_feature_sums=with_feature_sums)
     for batch in records.iter_record_batches(fs, path, columns=cols, batch_rows=batch_rows):
-        _add_record_batch(acc, records.table_to_records(pa.Table.from_batches([batch])), kmax=kmax)
+        _add_record_batch(acc, records.table_to_records(pa.Table.from_batches([batch])))
     return acc.result(options=base_options(manifest, model=model, split=split, correct_only=correct_only))
 
 
-def _add_record_batch(acc: CountAccumulator, arr: dict[str, np.ndarray], *, kmax: int) -> None:
+def _add_record_batch(acc: CountAccumulator, arr: dict[str, np.ndarray]) -> None:
     if arr[schema.LABEL].shape[0] == 0:
         return
     acc.add(
