@@ -35,20 +35,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dtd_ray import config as config_lib  # noqa: E402
 from dtd_ray.stages.decompose import DecomposeConfig, needs_ray, run_decompose  # noqa: E402
 from dtd_ray.ray import decompose as ray_decompose  # noqa: E402
+from dtd_ray.ray import session  # noqa: E402
 
 
 def run(cfg: DecomposeConfig) -> None:
     if not needs_ray(cfg):
         run_decompose(cfg)
         return
-    import ray
-
-    # RAY_ADDRESS (set by `ray job submit`, or "auto" for a `ray start` cluster) or a fresh local Ray.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
-    try:
+    with session.start(verbose=cfg.verbose):
         ray_decompose.run_decompose(cfg)
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

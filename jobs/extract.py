@@ -17,19 +17,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtd_ray import config as config_lib  # noqa: E402
+from dtd_ray.ray import session  # noqa: E402
 from dtd_ray.ray.extract import ExtractConfig, check_extract, run_extract  # noqa: E402
 
 
 def run(cfg: ExtractConfig) -> None:
     plan = check_extract(cfg)  # bad names and paths fail here, before Ray starts
-    import ray
-
-    # RAY_ADDRESS (set by `ray job submit`, or "auto" for a `ray start` cluster) or a fresh local Ray.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
-    try:
+    with session.start(verbose=cfg.verbose):
         run_extract(cfg, plan=plan)
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

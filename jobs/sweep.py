@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtd_ray.ray import sweep  # noqa: E402
+from dtd_ray.ray import session, sweep  # noqa: E402
 
 
 def run(cfg: sweep.SweepConfig) -> None:
@@ -28,16 +28,8 @@ def run(cfg: sweep.SweepConfig) -> None:
     if cfg.dry_run:
         print(sweep.describe(plan))
         return
-    import ray
-
-    # RAY_ADDRESS (set by `ray job submit`) names the cluster; without it start a local one
-    # rather than attach to whatever Ray instance happens to run on this machine.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the stages print their own progress
-    try:
+    with session.start(verbose=cfg.verbose):
         sweep.run_sweep(cfg, plan=plan)
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtd_ray import config as config_lib  # noqa: E402
+from dtd_ray.ray import session  # noqa: E402
 from dtd_ray.ray.train import run_train  # noqa: E402
 from dtd_ray.train.backbone import TrainConfig  # noqa: E402
 
@@ -24,14 +25,8 @@ def run(cfg: TrainConfig) -> None:
     if not cfg.ray:
         run_train(cfg)
         return
-    import ray
-
-    # RAY_ADDRESS (set by `ray job submit`, or "auto" for a `ray start` cluster) or a fresh local Ray.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, configure_logging=False)
-    try:
+    with session.start(verbose=cfg.verbose):
         run_train(cfg)
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

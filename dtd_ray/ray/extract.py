@@ -64,6 +64,7 @@ class ExtractConfig:
     on_bad_input: str = "skip"  # "skip": count undecodable / wrong-size images in the manifest; "fail": stop at the first
     rows_per_file: int = 16384  # rows per Parquet file (also the granularity of the progress lines)
     overwrite: bool = False  # recompute partitions even when finished with the same config
+    verbose: bool = False  # show Ray's and Tune's own INFO output
 
     def __post_init__(self) -> None:
         config_lib.coerce_option_types(self)
@@ -171,6 +172,9 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
             "channels_last": cfg.channels_last,
             "cpu_threads": res.cpu_threads,
         },
+        # Ray Data's default max_restarts=-1 stays: a killed model actor is restarted and its batch
+        # retried. (With it, Ray's core worker logs an ERROR about the references Ray Data itself passes
+        # to the actor's constructor; dtd_ray.ray.session keeps that off the console.)
         compute=ray.data.ActorPoolStrategy(size=res.num_actors),
         num_gpus=1 if res.use_gpu else 0,
         num_cpus=res.actor_cpus,

@@ -52,6 +52,7 @@ class DecomposeConfig:
     eval_dtype: str = "float64"  # precision of the grid evaluator: "float64" or "float32" (about 2x faster)
     print_k: Any = None  # k values in the printed table (default: 1, 2, 3, 5, 8, 10, 16, 20, 32, 50, 64, … of the grid)
     output: str = "runs/cifar10/decompose"  # output root (see the module docstring)
+    verbose: bool = False  # show Ray's and Tune's own INFO output
 
     def __post_init__(self) -> None:
         config_lib.coerce_option_types(self)  # --correct_only false, --psi_q abc: bools/numbers, or one line

@@ -56,6 +56,7 @@ class TrainConfig:
     ray: bool = True  # run as a Ray task (a GPU task when the cluster has GPUs); False: in this process
     output: str = "runs/train"  # writes <output>/<name>.th and <output>/<name>.json
     name: str | None = None  # file stem (default: <model>_<dataset kind>)
+    verbose: bool = False  # show Ray's and Tune's own INFO output
 
     @property
     def stem(self) -> str:

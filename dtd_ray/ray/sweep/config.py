@@ -112,6 +112,7 @@ class SweepConfig:
     overwrite: bool = False  # recompute extraction, decomposition and trials even when finished
     dry_run: bool = False  # print the plan (units and trials) and exit without running anything
     report: bool = True  # write report.md and plots/ into a local output after the trials (jobs/report.py)
+    verbose: bool = False  # show Ray's and Tune's own INFO output
 
     def __post_init__(self) -> None:
         # Light, idempotent normalisation only: the values may still be raw (a model name
