@@ -114,8 +114,9 @@ def map_to_json(idx: np.ndarray) -> dict[str, list[int]]:
 def map_from_json(obj: dict[str, Iterable[int]], *, num_classes: int, feature_dim: int) -> np.ndarray:
     """Parse ``{"<class>": [idx, …]}`` into a (C, k2) int64 array, checking it fits the model.
 
-    Raises ``ValueError`` for class keys other than ``0..C-1``, lists of different
-    lengths, indices outside ``[0, m)`` or repeated within a class.
+    Raises ``ValueError`` for class keys other than ``0..C-1`` and lists of different
+    lengths; the indices are checked by the one class-map validator
+    (:func:`dtd_ray.core.heads.check_map`: inside ``[0, m)``, none repeated within a class).
     """
     try:
         keys = sorted(int(k) for k in obj)
@@ -131,13 +132,7 @@ def map_from_json(obj: dict[str, Iterable[int]], *, num_classes: int, feature_di
     idx = np.asarray(rows, dtype=np.int64).reshape(num_classes, -1)
     if idx.shape[1] == 0:
         raise ValueError("map lists are empty")
-    if idx.min() < 0 or idx.max() >= feature_dim:
-        bad_index = idx.max() if idx.max() >= feature_dim else idx.min()
-        raise ValueError(f"map index {bad_index} is outside [0, {feature_dim}) (feature_dim={feature_dim})")
-    s = np.sort(idx, axis=1)
-    if (s[:, 1:] == s[:, :-1]).any():
-        raise ValueError("map repeats a feature within a class")
-    return idx
+    return check_map(idx, num_classes=num_classes, feature_dim=feature_dim).numpy()  # indices in range, none repeated
 
 
 def read_map_json(path: str, *, num_classes: int, feature_dim: int) -> np.ndarray:
