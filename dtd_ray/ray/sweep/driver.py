@@ -143,13 +143,37 @@ def write_eval_only_rows(plan: SweepPlan, unit: Unit, dec: Decomposed, todo: set
     return n
 
 
+# Cached features of the units whose head trials share one Tuner (they sit in the object store
+# together). A Tuner costs seconds to start, so small units share one; an ImageNet-size unit
+# (1.28 M × 2048 float32 ≈ 10 GB) gets its own.
+HEAD_DATA_BYTES = 2 * 2**30
+
+
+def head_groups(plan: SweepPlan, units: list[Unit], *, budget: int = HEAD_DATA_BYTES) -> list[list[Unit]]:
+    """``units`` in order, cut into groups whose cached train + eval features fit ``budget`` bytes together."""
+    groups: list[list[Unit]] = []
+    used = 0
+    for u in units:
+        size = 0
+        for split in (plan.cfg.train_split, plan.cfg.eval_split):
+            man = records.read_manifest(f"{plan.output}/records", model=u.key, split=split) or {}
+            size += int(man.get("rows", 0)) * int(man.get("feature_dim", 0)) * 4
+        if groups and used + size <= budget:
+            groups[-1].append(u)
+            used += size
+        else:
+            groups.append([u])
+            used = size
+    return groups
+
+
 def _tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], decs: dict[str, Decomposed], *, use_gpu: bool,
-          unit: Unit | None = None) -> list[str]:
+          units: list[Unit] | None = None) -> list[str]:
     """:func:`~dtd_ray.ray.sweep.tune.run_tune` with each trial's class map and known row from ``decs``."""
-    units = {u.key: u for u in plan.units}
+    by_key = {u.key: u for u in plan.units}
     maps = {t.trial_id: decs[t.unit].class_map(t.strategy, t.k1, t.k) for t in todo}
-    rows = {t.trial_id: base_row(plan, units[t.unit], t, decs[t.unit]) for t in todo}
-    return run_tune(plan, mode, todo, maps=maps, rows=rows, use_gpu=use_gpu, unit=unit)
+    rows = {t.trial_id: base_row(plan, by_key[t.unit], t, decs[t.unit]) for t in todo}
+    return run_tune(plan, mode, todo, maps=maps, rows=rows, use_gpu=use_gpu, units=units)
 
 
 def save_resolved_config(plan: SweepPlan) -> str:
@@ -221,9 +245,10 @@ def run_sweep(cfg: SweepConfig, *, plan: SweepPlan | None = None) -> dict[str, A
                 if "none" in plan.modes:
                     ran["none"] += write_eval_only_rows(plan, u, decs[u.key], todo_ids)
             if "head" in plan.modes:
-                for u in units:
-                    todo = [t for t in plan.trials_of("head", u.key) if t.trial_id in todo_ids]
-                    f = _tune(plan, "head", todo, decs, use_gpu=use_gpu, unit=u)
+                for group in head_groups(plan, units):
+                    keys = {u.key for u in group}
+                    todo = [t for t in plan.trials_of("head") if t.unit in keys and t.trial_id in todo_ids]
+                    f = _tune(plan, "head", todo, decs, use_gpu=use_gpu, units=group)
                     ran["head"] += len(todo) - len(f)
                     failed += f
             if "finetune" in plan.modes:

@@ -24,10 +24,11 @@ from dtd_ray.ray.sweep.store import finished_trial_ids, timestamp, write_trial_r
 
 
 def _run_trial(config: dict[str, Any], *, mode: str, params: dict[str, dict[str, Any]], data: dict | None = None) -> None:
-    """The Tune trainable of every retrain trial: looks up the trial's config by its id."""
+    """The Tune trainable of every retrain trial: looks up the trial's config by its id
+    (and, in mode head, its unit's cached features in ``data``, keyed by the records' model tag)."""
     p = params[config["trial_id"]]
     if mode == "head":
-        trainables.head_trainable(p, data=data)
+        trainables.head_trainable(p, data=data[p["model"]] if data is not None else None)
     else:
         trainables.finetune_trainable(p)
 
@@ -176,42 +177,46 @@ class RowWriter(tune.Callback):
 
 
 def run_tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], *, maps: dict[str, np.ndarray],
-             rows: dict[str, dict[str, Any]], use_gpu: bool, unit: Unit | None = None) -> list[str]:
+             rows: dict[str, dict[str, Any]], use_gpu: bool, units: list[Unit] | None = None) -> list[str]:
     """One Tuner over ``todo`` (trials of ``mode``); returns the ids of failed trials.
 
     ``maps[trial_id]`` is the trial's class map (from the decomposition), ``rows[trial_id]``
-    the columns of its row known before it runs; ``unit`` (mode head): the one unit whose
-    cached features all trials share.
+    the columns of its row known before it runs; ``units`` (mode head): the units whose
+    cached features the trials read (put in the object store once, with the Tuner).
     """
     if not todo:
         return []
     spec = plan.modes[mode]
     info = cluster.probe()
     resources, conc, trial_gpu, threads = trial_resources(mode, spec, info, use_gpu=use_gpu)
-    units = {u.key: u for u in plan.units}
+    by_key = {u.key: u for u in plan.units}
     params: dict[str, dict] = {}
     full_rows: dict[str, dict] = {}
     configs: dict[str, dict] = {}
     for t in todo:
-        params[t.trial_id] = trainable_config(plan, units[t.unit], t, maps[t.trial_id], use_gpu=trial_gpu,
+        params[t.trial_id] = trainable_config(plan, by_key[t.unit], t, maps[t.trial_id], use_gpu=trial_gpu,
                                               threads=threads)
         full_rows[t.trial_id] = {**rows[t.trial_id], "use_gpu": trial_gpu}
         configs[t.trial_id] = {"identity": t.identity,
                                "trainable": {k: v for k, v in params[t.trial_id].items() if k != "idx"}}
-    data = head_data(plan, unit) if (mode == "head" and unit is not None) else None
+    data = {u.key: head_data(plan, u) for u in units} if (mode == "head" and units) else None
     kwargs: dict[str, Any] = {"mode": mode, "params": params}
     if data is not None:
         kwargs["data"] = data
     trainable = tune.with_resources(tune.with_parameters(_run_trial, **kwargs), resources)
-    name = f"{plan.cfg.name}-{mode}-{unit.key if unit else 'all'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    label = units[0].key + (f"+{len(units) - 1}" if len(units) > 1 else "") if units else "all"
+    name = f"{plan.cfg.name}-{mode}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     writer = RowWriter(output=plan.output, rows=full_rows, configs=configs, total=len(todo))
-    print(f"[sweep] {mode}{' ' + unit.key if unit else ''}: {len(todo)} Tune trial(s), {resources} each"
+    print(f"[sweep] {mode}{' ' + ','.join(u.key for u in units) if units else ''}: {len(todo)} Tune trial(s), {resources} each"
           f"{f', at most {conc} at once' if conc else ''} -> {plan.output}/tune/{name}", flush=True)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial_id": tune.grid_search([t.trial_id for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=conc or None,
+            # A trial's own work can take well under a second (head mode); a fresh actor per trial
+            # costs a process and a torch import (~4 s here). Trials of one Tuner share resources.
+            reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
