@@ -13,9 +13,12 @@ import json
 import platform
 import re
 import sys
+from importlib import metadata
 from typing import Any
 
 import numpy as np
+
+from dtd_ray import __version__
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -40,18 +43,14 @@ def check_keys(cls: type, values: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour a result depends on."""
-    import numpy
-    import pyarrow
-
-    out = {"python": platform.python_version(), "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
-    for mod in ("torch", "torchvision", "ray"):
+    """Versions of the packages whose behaviour a result depends on (read from their metadata:
+    nothing is imported, so a Ray-free stage records Ray's version without loading it)."""
+    out = {"python": platform.python_version()}
+    for dist in ("numpy", "pyarrow", "torch", "torchvision", "ray"):
         try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:  # the core runs without Ray (e.g. on a bare GPU box)
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # the core runs without Ray (e.g. on a bare GPU box)
             pass
-    from dtd_ray import __version__
-
     out["dtd_ray"] = __version__
     return out
 

@@ -24,6 +24,7 @@ whatever does not fit raises one ``ValueError`` line that says what did not fit.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 import re
@@ -242,8 +243,6 @@ def _shape_options(state_dict: Mapping[str, Tensor], entry: _Entry) -> dict[str,
     The final linear layer is the last 2-D ``*.weight`` in the state dict (state dicts list
     modules in registration order); the stem is the first 4-D ``*.weight``.
     """
-    import inspect
-
     accepted = inspect.signature(entry.builder).parameters
     out: dict[str, int] = {}
     mats = [v for k, v in state_dict.items() if k.endswith("weight") and v.ndim == 2]
