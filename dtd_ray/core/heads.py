@@ -23,6 +23,7 @@ kept and nothing rescaled. Three implementations that agree to rounding:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -279,8 +280,6 @@ def evaluate_grid(
 
     threads = int(threads or torch.get_num_threads())
     if threads > 1 and len(idxs) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         # largest maps first so the threads finish together
         order = sorted(range(len(idxs)), key=lambda i: -idxs[i].size)
         with ThreadPoolExecutor(threads) as pool:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import ray
+from ray.autoscaler.sdk import request_resources
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,6 @@ def decide_gpu(*, use_gpu: bool | None, wait_s: float) -> bool:
         return False
     if info.gpus > 0:
         return True
-    from ray.autoscaler.sdk import request_resources
-
     print(f"[sweep] waiting up to {wait_s:.0f} s for the autoscaler to add a GPU node", flush=True)
     request_resources(bundles=[{"GPU": 1}])
     t0 = time.monotonic()
@@ -71,8 +70,6 @@ def decide_gpu(*, use_gpu: bool | None, wait_s: float) -> bool:
 def release_gpu_request() -> None:
     """Withdraw the GPU request :func:`decide_gpu` made (best effort: the autoscaler may be absent)."""
     try:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[])
+            request_resources(bundles=[])
     except Exception:  # noqa: BLE001
         pass
