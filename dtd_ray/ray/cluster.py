@@ -70,6 +70,6 @@ def decide_gpu(*, use_gpu: bool | None, wait_s: float) -> bool:
 def release_gpu_request() -> None:
     """Withdraw the GPU request :func:`decide_gpu` made (best effort: the autoscaler may be absent)."""
     try:
-            request_resources(bundles=[])
+        request_resources(bundles=[])
     except Exception:  # noqa: BLE001
         pass
