@@ -80,3 +80,20 @@ def test_ray_free_layers_import_with_ray_unimportable():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("ok")
+
+
+def test_readme_layout_names_every_module():
+    """README's Layout section lists every package and module of the tree (so the two cannot drift)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    missing = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.name == "__init__.py":
+            top = rel.parts[0] if len(rel.parts) > 1 else None
+            if top and f"dtd_ray/{top}/" not in block:
+                missing.append(f"dtd_ray/{top}/")
+            continue
+        if rel.name not in block:
+            missing.append(str(rel))
+    assert not missing, f"README's Layout section does not name: {', '.join(sorted(set(missing)))}"
