@@ -33,10 +33,10 @@ import ray
 from dtd_ray import config as config_lib
 from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import prepare_batch
+from dtd_ray.io import records, schema, storage
 from dtd_ray.models.backbones import get_backbone
 from dtd_ray.models.extractor import FeatureExtractor
 from dtd_ray.models.runtime import check_precision
-from dtd_ray.io import records, schema, storage
 from dtd_ray.ray import cluster
 from dtd_ray.ray.datasets import to_ray_dataset
 
