@@ -89,7 +89,7 @@ def coerce_value(name: str, annotation: Any, value: Any) -> Any:
 
     fire passes ``--overwrite false`` as the string ``"false"`` (truthy: a finished partition
     would be deleted) and ``--kmax abc`` as ``"abc"`` (a TypeError deep inside). ``none`` /
-    ``null`` mean ``None`` where the field allows it (and ``auto`` for an optional bool).
+    ``null`` mean ``None`` where the field allows it (and ``auto`` or an empty word for an optional bool).
     """
     kinds = {t.strip() for t in str(annotation).split("|")}
     base = kinds - {"None"}
@@ -98,7 +98,7 @@ def coerce_value(name: str, annotation: Any, value: Any) -> Any:
     (kind,) = base
     if "None" in kinds and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
         return None
-    if kinds == {"bool", "None"} and isinstance(value, str) and value.strip().lower() == "auto":
+    if kinds == {"bool", "None"} and isinstance(value, str) and value.strip().lower() in ("auto", ""):
         return None  # an optional switch (use_gpu): None means "decide from the cluster"
     if kind == "bool":
         parsed = parse_bool(value)

@@ -83,8 +83,6 @@ MODE_OPTIONS = {
 }
 # Each mode's defaults: the trainables' own table (mode none trains nothing).
 _MODE_DEFAULTS = {"none": {"epochs": 0}, "head": defaults.HEAD, "finetune": defaults.FINETUNE}
-# use_gpu words meaning "decide from the cluster", beside the none/null that config.coerce_value knows.
-_AUTO_WORDS = ("auto", "")
 
 
 @dataclass
@@ -124,8 +122,6 @@ class SweepConfig:
             if isinstance(v, list):
                 v = tuple(v)
             setattr(self, name, v)
-        if isinstance(self.use_gpu, str) and self.use_gpu.strip().lower() in _AUTO_WORDS:
-            self.use_gpu = None
         for f in dataclasses.fields(self):
             if f.type in ("bool", "bool | None"):  # YAML and code may carry "false", "no", 0, …
                 setattr(self, f.name, config_lib.coerce_value(f.name, f.type, getattr(self, f.name)))
