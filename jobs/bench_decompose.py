@@ -160,7 +160,7 @@ def bench_grid(cfg: BenchConfig) -> dict:
                               k1_grid=f"1..{cfg.kmax}", with_feature_sums=True)
     t_reduce = time.perf_counter() - t
     t = time.perf_counter()
-    maps = selection.select_maps(strategies=selection.STRATEGIES, freq=ft, weight=w, k2_max=cfg.kmax)
+    maps = selection.select_maps(strategies=selection.DEFAULT_STRATEGIES, freq=ft, weight=w, k2_max=cfg.kmax)
     t_select = time.perf_counter() - t
     configs = sum(cm.k2 for cm in maps)
     grid_times = []

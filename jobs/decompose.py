@@ -10,9 +10,14 @@ every strategy (frequency, weight_l1, contribution, random); evaluates every
 the essentiality test and Ψ at ``--analysis_k``. Writes under ``<output>``::
 
     freq/select_split=<s>/correct_only=<b>/<model>.parquet   model, k1, class, feature, count (non-zero counts)
-    maps/select_split=<s>/correct_only=<b>/<model>.parquet   model, strategy, k1, k2, class, rank, feature, count, score
-    eval/<model>__<split>__<select>.parquet      one row per (strategy, k1, k2), selection options as columns
-    analysis/<model>__<split>__<select>.parquet  per strategy and class at k1 = k2 = analysis_k
+    maps/select_split=<s>/correct_only=<b>/<model>.parquet   model, strategy, k1, k2, class, rank, feature, count,
+                                                 score, map_seed (random: one map per seed, --random_seeds)
+    eval/<model>__<split>__<select>.parquet      one row per (strategy, k1, map_seed, k2), selection options as
+                                                 columns, and each instance's outcome (packed bits, by sample_id)
+    instances/<model>__<split>__<select>.parquet one row per evaluation instance: the full head's outcome and Ψ
+    analysis/<model>__<split>__<select>.parquet  per strategy and class at k1 = k2 = analysis_k (mean over
+                                                 --noise_seeds draws)
+    essentiality/<model>__<split>__<select>.parquet  the essentiality test per instance
     json/<model>__<select>/<model>_<strategy>_<k1>_<k2>_indices.json   (--export_json)
     _manifests/<model>__<split>__<select>.json   resolved config, selection options, warnings, timings (written last)
 

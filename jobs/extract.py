@@ -30,7 +30,7 @@ def run(cfg: ExtractConfig) -> None:
 if __name__ == "__main__":
     try:
         config_lib.run_cli(ExtractConfig, run, summary=__doc__.strip().splitlines()[0])
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: also an object store that fails mid-run
         # A user's mistake gets one line, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -35,7 +35,7 @@ def run(cfg: sweep.SweepConfig) -> None:
 if __name__ == "__main__":
     try:
         sweep.main(summary=__doc__.strip().splitlines()[0], run=run)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: also an object store that fails mid-run
         # A user's mistake (or failed trials) gets one line, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -62,11 +62,11 @@ def test_essentiality_wrong_map_is_not_essential_and_empty_class_is_nan():
 
 def test_psi_constructed():
     v = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    # masses 4, 7, 9, 10 of 10: q = 0.7 → 2 channels → Ψ = 1 − 2/4
-    np.testing.assert_allclose(analysis.psi(values=v, q=0.7)[[0, 1, 3]], [0.5, 0.5, 0.25])
+    # masses 4, 7, 9, 10 of 10: q = 0.7 → 2 of 4 channels hold it → Ψ = 2/4; all equal: 3 of 4
+    np.testing.assert_allclose(analysis.psi(values=v, q=0.7)[[0, 1, 3]], [0.5, 0.5, 0.75])
     assert np.isnan(analysis.psi(values=v, q=0.7)[2])
-    np.testing.assert_allclose(analysis.psi(values=v[:2], q=0.4), [0.75, 0.75])  # 4 ≥ 4: one channel
-    np.testing.assert_allclose(analysis.psi(values=v[:2], q=1.0), [0.0, 0.0])
+    np.testing.assert_allclose(analysis.psi(values=v[:2], q=0.4), [0.25, 0.25])  # 4 ≥ 4: one channel
+    np.testing.assert_allclose(analysis.psi(values=v[:2], q=1.0), [1.0, 1.0])
     np.testing.assert_allclose(analysis.psi(values=-v[:1], q=0.7), [0.5])  # the L1 mass uses |v|
     with pytest.raises(ValueError, match="outside"):
         analysis.psi(values=v, q=0.0)
@@ -76,7 +76,7 @@ def test_psi_by_class_median_and_warnings():
     v = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0], [10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     y = np.array([0, 0, 0, 1])
     out = analysis.psi_by_class(values=v, labels=y, num_classes=3, q=0.7)
-    # class 0: Ψ = 0.5, 0.25, 0.75 → median 0.5; class 1 only a zero-mass instance; class 2 empty
+    # class 0: Ψ = 0.5, 0.75, 0.25 → median 0.5; class 1 only a zero-mass instance; class 2 empty
     assert out["psi_median"][0] == pytest.approx(0.5)
     assert np.isnan(out["psi_median"][1]) and np.isnan(out["psi_median"][2])
     assert out["zero_mass"] == 1 and len(out["warnings"]) == 2
@@ -108,6 +108,6 @@ def test_channel_l1_and_block_hooks():
     np.testing.assert_allclose(out["b2"], [[18, 18, 18], [18, 18, 18], [36, 36, 36]])
     assert not net.b1._forward_hooks and not net.b2._forward_hooks
     psi = analysis.psi_by_class(values=out["b2"], labels=np.array([0, 0, 1]), num_classes=2, q=0.5)
-    np.testing.assert_allclose(psi["psi_median"], [1 - 2 / 3, 1 - 2 / 3])
+    np.testing.assert_allclose(psi["psi_median"], [2 / 3, 2 / 3])
     with pytest.raises(ValueError, match="unknown block"):
         analysis.block_channel_norms(backbone=net, batches=batches, blocks=["b3"])

@@ -91,9 +91,11 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "frequency" in printed and "weight_l1" in printed and "essentiality" in printed
     df = pd.read_parquet(out / "eval")
-    assert set(df["strategy"]) == set(selection.STRATEGIES)
+    assert set(df["strategy"]) == set(selection.DEFAULT_STRATEGIES)
     assert len(df[df.strategy == "frequency"]) == sum(range(1, 13))  # (k1, k2 ≤ k1) for k1 in 1..12
-    assert (df[df.strategy != "frequency"]["k1"] == -1).all() and len(df[df.strategy == "random"]) == 12
+    assert (df[df.strategy != "frequency"]["k1"] == -1).all() and len(df[df.strategy == "random"]) == 12 * 10
+    assert sorted(set(df[df.strategy == "random"]["map_seed"])) == list(range(10))  # one map per seed
+    assert set(df[df.strategy != "random"]["map_seed"]) == {-1}
     assert (df["select_split"] == "train").all() and (df["split"] == "test").all() and not df["correct_only"].any()
     assert pq.read_schema(next((out / "eval").glob("*.parquet"))).equals(schema.EVAL_SCHEMA, check_metadata=False)
     # the classes live on features 4c..4c+3: the frequency map at k1 = k2 = 4 finds exactly them
@@ -125,6 +127,32 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
     ana = pd.read_parquet(out / "analysis")
     freq_ess = ana[ana.strategy == "frequency"]
     assert (freq_ess["acc_selected_noise"] < freq_ess["acc_others_noise"]).all()
+
+
+def test_job_glm_strategy_and_per_instance_tables(toy, tmp_path):
+    """glm (opt-in): the elastic-net path's entry order; on the toy problem each class's own
+    features enter first. Every eval row, and the instance tables, carry per-instance outcomes."""
+    from dtd_ray.core import stats
+
+    job = load_job()
+    out = tmp_path / "out"
+    job.run_decompose(job.DecomposeConfig(records=str(toy / "records"), model="toy", head=str(toy / "head.npz"),
+                                          output=str(out), k1="1..8", strategies=("frequency", "glm"),
+                                          noise_seeds=3))
+    df = pd.read_parquet(out / "eval")
+    glm = df[df.strategy == "glm"]
+    assert len(glm) == 8 and (glm["k1"] == -1).all() and (glm["map_seed"] == -1).all()
+    m4 = tables.map_from_table(pd.read_parquet(out / "maps"), strategy="glm", k1=-1, k2=4)
+    np.testing.assert_array_equal(np.sort(m4.idx, 1), np.arange(20).reshape(5, 4))
+    inst = pd.read_parquet(out / "instances").sort_values("sample_id")
+    assert len(inst) == 300 and inst["psi"].between(0, 1).all()
+    assert 100 * inst["correct_full"].mean() == pytest.approx(100 * df["acc_full"].iloc[0])
+    for _, r in df.iterrows():
+        assert stats.unpack_outcomes(r.outcomes, n=300).mean() == pytest.approx(r.acc_decomposed)
+    ess = pd.read_parquet(out / "essentiality")
+    assert set(ess["strategy"]) == {"frequency", "glm"} and len(ess) == 2 * 300
+    # the shares of noise draws an instance survives are multiples of 1/3 (3 draws)
+    assert np.allclose((ess["selected_noise"] * 3) % 1, 0) and ess["clean"].isin([0, 1]).all()
 
 
 def test_job_correct_only_ray_engine_and_imported_map(toy, tmp_path, ray_local):
@@ -247,8 +275,16 @@ def test_real_job_grid_and_ray_reduce(cifar_records, tmp_path, capsys):
         maps_json=(str(UPSTREAM_DTD_DIR / "resnet20_cifar-10_indices.json"),)))
     df = res["eval"]
     assert "88.59 %" in capsys.readouterr().out
-    assert len(df) == 64 * 65 // 2 + 3 * 64 + 1
+    # frequency: every k2 ≤ k1; weight_l1, contribution and 10 random maps: k2 = 1..64; the JSON map once
+    assert len(df) == 64 * 65 // 2 + (2 + 10) * 64 + 1
     assert df["acc_full"].iloc[0] == pytest.approx(0.9171, abs=2e-4)
+    # the references README and the report quote (un-augmented selection, k1 = k2 = 5)
+    at5 = df[(df.k2 == 5) & df.k1.isin([5, -1])].groupby("strategy")["acc_decomposed"].mean() * 100
+    assert at5["frequency"] == pytest.approx(88.08, abs=0.02)
+    assert at5["contribution"] == pytest.approx(88.64, abs=0.02)
+    assert at5["weight_l1"] == pytest.approx(83.39, abs=0.02)
+    assert 20 < at5["random"] < 50  # mean over 10 random maps, far below the others
+    assert sorted(df[df.strategy == "random"]["map_seed"].unique()) == list(range(10))
     k5 = df[(df.strategy == "frequency") & (df.k1 == 5) & (df.k2 == 5)]["acc_decomposed"].iloc[0]
     assert 100 * k5 == pytest.approx(accuracy(cifar_records, frequency_map(cifar_records, "train", 5).idx), abs=1e-9)
     # at k2 = m every strategy is the full head

@@ -111,7 +111,8 @@ def mn_config(data: Path, out: Path, **kw):
 
     base = dict(model="cifar_resnet20", weights=str(data / "ckpt.th"), dataset=f"imagefolder:{data / 'data'}",
                 splits=("test",), output=str(out), tag=TAG, kmax=8, batch_size=64, rows_per_file=64,
-                use_gpu=False)  # the nodes' GPUs are fake: torch has no CUDA here
+                use_gpu=False,  # the nodes' GPUs are fake: torch has no CUDA here
+                shared_fs=True)  # the test cluster's nodes share this machine's disk (the S3 variants: tests/test_s3.py)
     base.update(kw)
     return ExtractConfig(**base)
 

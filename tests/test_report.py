@@ -69,15 +69,66 @@ def _trials(gaps_by_depth: dict[int, float], *, full: float = 90.0) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def test_findings_are_computed_from_the_data():
+def test_findings_without_outcomes_give_point_estimates_and_no_verdict():
     analysis = pd.DataFrame(columns=["model", "class", "psi_median"])
     t = _trials({20: 3.0, 32: 2.0, 56: 1.0})
     facts = report.findings(t, report.model_table(t, analysis), k=5)
-    assert any("20: 3.00, 32: 2.00, 56: 1.00 — shrinks with depth in every step" in f for f in facts)
-    assert any(f.startswith("frequency beats random at 100 %") for f in facts)
-    t = _trials({20: 3.0, 32: 1.0, 56: 2.0})
-    facts = report.findings(t, report.model_table(t, analysis), k=5)
-    assert any("does not shrink monotonically" in f for f in facts)
+    assert any("by depth 20: 3.00, 32: 2.00, 56: 1.00" in f for f in facts)
+    assert any("20 → 32: 1.00 (not resolved (no per-instance outcomes" in f for f in facts)
+    claims = report.claims_table(t, report.model_table(t, analysis), k=5, evidence=None)
+    assert {c.verdict for c in claims} == {"not resolved (no per-instance outcomes in this sweep)"}
+
+
+def _evidence_sweep(n: int, flips: dict[int, int], *, seed: int = 0) -> tuple[pd.DataFrame, "report.Evidence"]:
+    """Trials with per-instance outcomes: a full head right on 90 % of n images; per depth the
+    frequency head loses ``flips[depth]`` of those; random maps (two seeds) are right on ~20 %."""
+    from dtd_ray.core import stats
+
+    rng = np.random.default_rng(seed)
+    full = np.zeros(n, dtype=bool)
+    full[: int(0.9 * n)] = True
+    rng.shuffle(full)
+    rows, inst = [], {}
+    for depth, lost in flips.items():
+        model = f"r{depth}"
+        dec = full.copy()
+        dec[rng.choice(np.flatnonzero(full), size=lost, replace=False)] = False
+        outs = [("frequency", -1, dec)] + [("random", s, rng.random(n) < 0.2) for s in (0, 1)]
+        for s, ms, o in outs:
+            rows.append({"model": model, "backbone": f"cifar_resnet{depth}", "dataset": "cifar10", "strategy": s,
+                         "k1": 5 if s == "frequency" else -1, "k2": 5, "map_seed": ms, "retrain_mode": "none",
+                         "acc_full": 100 * full.mean(), "acc_decomposed": 100 * o.mean(), "acc_retrained": np.nan,
+                         "head_macs_full": 640, "head_macs_decomposed": 50, "channels_used": 30,
+                         "outcomes": stats.pack_outcomes(o)})
+        inst[model] = pd.DataFrame({"model": model, "sample_id": np.arange(n), "label": 0, "correct_full": full,
+                                    "psi": 0.6 - depth / 1000 + rng.normal(0, 0.01, n)})
+    t = pd.DataFrame(rows)
+    return t, report.Evidence(trials=t, instances=inst, essentiality=pd.DataFrame(), n_boot=500)
+
+
+def test_claims_follow_the_intervals():
+    analysis = pd.DataFrame(columns=["model", "class", "psi_median"])
+    # 2000 images: the gap falls from 15 points (300 lost) to 1 point (20 lost): supported
+    t, ev = _evidence_sweep(2000, {20: 300, 56: 20})
+    models = report.model_table(t, analysis, psi={m: float(ev.psi(m).mean()) for m in ev.instances})
+    claims = {(c.claim, c.scope, c.measure.split(",")[0]): c for c in report.claims_table(t, models, k=5, evidence=ev)}
+    gap = claims[("C3 deeper: a smaller gap", "cifar10: depth 20 → 56", "gap(shallow) − gap(deep)")]
+    assert gap.verdict == "supported" and gap.est.value == pytest.approx(14.0) and gap.est.lo > 10
+    psi = [c for c in claims.values() if c.claim.startswith("C3 deeper: lower")][0]
+    assert psi.verdict == "supported" and psi.est.value == pytest.approx(0.036, abs=0.002)
+    rnd = claims[("C2 the frequency rule finds them", "r56", "frequency − random maps (mean over seeds)")]
+    assert rnd.verdict == "supported" and rnd.est.value == pytest.approx(89.0 - 20.0, abs=2.0)
+    # C1 against the 1-point margin: r56 loses exactly 1 point: the interval straddles it
+    c1 = claims[("C1 a few filters per class suffice", "r56", "full − decomposed (frequency")]
+    assert c1.verdict == "not resolved" and c1.est.lo < 1.0 < c1.est.hi
+    # equal gaps: not resolved, and the paired interval is centred on 0
+    t, ev = _evidence_sweep(2000, {20: 40, 56: 40}, seed=1)
+    models = report.model_table(t, analysis)
+    gap = [c for c in report.claims_table(t, models, k=5, evidence=ev) if c.claim == "C3 deeper: a smaller gap"][0]
+    assert gap.verdict == "not resolved" and gap.est.lo < 0 < gap.est.hi
+    facts = report.findings(t, models, k=5, evidence=ev)
+    assert any("20 → 56: 0.00 [" in f and "(not resolved)" in f for f in facts)
+    assert any(f.startswith("frequency beats the random maps") and "at 2 of 2" in f for f in facts)
 
 
 def test_report_errors_are_one_line(tmp_path):
@@ -85,3 +136,22 @@ def test_report_errors_are_one_line(tmp_path):
         report.make_report(report.ReportConfig(sweep=str(tmp_path)))
     with pytest.raises(ValueError, match="cam_images"):
         report.ReportConfig(cam_images=-1)
+
+
+def test_localisation_differences_become_c4_claims():
+    t, ev = _evidence_sweep(500, {20: 20, 56: 10})
+    models = report.model_table(t, pd.DataFrame(columns=["model", "class", "psi_median"]))
+    loc = pd.DataFrame([
+        {"model": "r20", "method": "random", "score": "energy-in-box", "diff": 0.16, "lo": 0.15, "hi": 0.17,
+         "verdict": "supported"},
+        {"model": "r20", "method": "cam", "score": "energy-in-box", "diff": -0.07, "lo": -0.08, "hi": -0.06,
+         "verdict": "contradicted"},
+        {"model": "r20", "method": "contribution", "score": "energy-in-box", "diff": 0.0, "lo": -0.01, "hi": 0.01,
+         "verdict": "not resolved"},
+    ])
+    c4 = [c for c in report.claims_table(t, models, k=5, evidence=ev, localisation=loc)
+          if c.claim == "C4 the selected filters sit on the object"]
+    # the claims table states random, top-|W| and CAM (the report's section has every alternative)
+    assert [(c.measure, c.verdict, c.interval()) for c in c4] == [
+        ("energy-in-box: selected − random channels", "supported", "0.160 [0.150, 0.170]"),
+        ("energy-in-box: selected − CAM", "contradicted", "-0.070 [-0.080, -0.060]")]

@@ -161,7 +161,7 @@ def test_select_maps_structure_and_table_round_trip():
     ft = counting.reduce_arrays(labels=y, topk_idx=idx, topk_val=np.take_along_axis(f, idx, 1), features=f,
                               num_classes=3, feature_dim=10, with_feature_sums=True)
     w = rng.standard_normal((3, 10))
-    maps = selection.select_maps(strategies=selection.STRATEGIES, freq=ft, weight=w, seed=0)
+    maps = selection.select_maps(strategies=selection.DEFAULT_STRATEGIES, freq=ft, weight=w, seed=0)
     freq_maps = [m for m in maps if m.strategy == "frequency"]
     assert [m.k1 for m in freq_maps] == [1, 2, 3, 4, 5, 6] and [m.k2 for m in freq_maps] == [1, 2, 3, 4, 5, 6]
     others = [m for m in maps if m.strategy != "frequency"]

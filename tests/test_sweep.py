@@ -85,13 +85,15 @@ def test_presets_ship_and_resolve():
     assert u.dataset == "imagefolder:../shared/data/cifar10" and u.dataset_short == "cifar10"
     assert u.weights_abs == os.path.abspath("../shared/data/cifar_resnets/resnet20-12fca82f.th")
     counts = {m: len(plan.trials_of(m)) for m in plan.modes}
-    # head at 6 of the 11 k values; finetune only the frequency map at k = 5
-    assert counts == {"none": 4 * 11 * 4, "head": 4 * 6 * 4, "finetune": 4}
+    # head at 6 of the 11 k values; 4 strategies + random with 10 map seeds; finetune only frequency at k = 5
+    assert counts == {"none": 4 * 11 * (4 + 10), "head": 4 * 6 * (4 + 10), "finetune": 4}
+    assert sorted({t.map_seed for t in plan.trials if t.strategy == "random"}) == list(range(10))
+    assert {t.map_seed for t in plan.trials if t.strategy != "random"} == {-1}
     assert {t.k for t in plan.trials_of("finetune")} == {5}
     assert plan.output == os.path.abspath("runs/cifar10_resnets")
     # frequency has k1 = k, the k1-independent strategies k1 = -1
     assert {(t.strategy, t.k1) for t in plan.trials_of("head") if t.k == 5} == {
-        ("frequency", 5), ("weight_l1", -1), ("contribution", -1), ("random", -1)}
+        ("frequency", 5), ("weight_l1", -1), ("contribution", -1), ("random", -1), ("glm", -1)}
     # a different data_root moves every path
     moved = sweep.plan_sweep(sweep.load_config("cifar10_resnets", {"data_root": "/data"}), check_inputs=False)
     assert moved.units[0].dataset == "imagefolder:/data/cifar10"
@@ -277,6 +279,16 @@ def test_sweep_end_to_end(swept):
     assert df[df.retrain_mode == "none"]["acc_retrained"].isna().all()
     # the decomposed head before training is what the trainables measure too
     np.testing.assert_allclose(trained["acc_decomposed_init"], trained["acc_decomposed"], atol=1e-6)
+    # every row carries its per-instance outcomes (sorted by sample_id): their mean is its accuracy
+    from dtd_ray.core import stats
+
+    inst = pd.read_parquet(out / "decompose" / "instances").sort_values("sample_id")
+    assert inst["sample_id"].is_unique and (df["n_eval"] == len(inst)).all()
+    assert 100 * inst["correct_full"].mean() == pytest.approx(df["acc_full"].iloc[0])
+    for _, r in df.iterrows():
+        o = stats.unpack_outcomes(r.outcomes, n=len(inst))
+        acc = r.acc_decomposed if r.retrain_mode == "none" else r.acc_retrained
+        assert 100 * o.mean() == pytest.approx(acc), (r.retrain_mode, r.strategy, r.k2)
     saved = json.loads((out / "sweep_config.json").read_text())
     assert saved["config"]["k"] == "1..3" and saved["resolved"]["trials"] == {"none": 6, "head": 2, "finetune": 1}
     summary = res["summary"]

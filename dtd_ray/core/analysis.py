@@ -7,12 +7,14 @@
   replace all its other features ``f_j, j ∉ I_y``; the per-class accuracy of both (and
   of the clean features). Selected features are essential when the first collapses and
   the second does not.
-* :func:`psi` — per instance, the fraction of channels *not* needed to reach a fraction
-  ``q`` of the L1 mass: with ``|v|`` sorted descending and ``n_q`` the smallest count whose
-  prefix sum is ≥ ``q · Σ|v|``, ``Ψ = 1 − n_q / m``; :func:`psi_by_class` takes the
-  median over each class. For conv blocks ``v`` is the per-channel L1 norm of the
-  feature map (:func:`channel_l1`); :func:`block_channel_norms` collects those for the
-  blocks a backbone names (last block and earlier ones) through forward hooks.
+* :func:`psi` — per instance, the share of channels that hold a fraction ``q`` of the
+  L1 mass: with ``|v|`` sorted descending and ``n_q`` the smallest count whose prefix sum
+  is ≥ ``q · Σ|v|``, ``Ψ = n_q / m``. Smaller Ψ means the mass sits on fewer features
+  (more concentrated; the paper's "lower-dimensional" final representation);
+  :func:`psi_by_class` takes the median over each class. For conv blocks ``v`` is the
+  per-channel L1 norm of the feature map (:func:`channel_l1`); :func:`block_channel_norms`
+  collects those for the blocks a backbone names (last block and earlier ones) through
+  forward hooks.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def essentiality_test(
     bias: Any,
     idx: Any,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     head: str = "full",
     noise_std: float = 1.0,
 ) -> dict[str, np.ndarray]:
@@ -77,12 +80,20 @@ def essentiality_test(
     (``acc_selected_noise[y]``) and, separately, ``f'_i[j ∉ I_y] ~ N(0, noise_std²)``
     (``acc_others_noise[y]``); ``acc_clean[y]`` uses ``f_i``. Predictions come from the
     original head (``head="full"``) or the decomposed head (``head="decomposed"``).
-    Noise is drawn per class from ``numpy.random.default_rng([seed, y])``, so a class's
-    result does not depend on the others. A class with no instances gets NaN.
-    Returns arrays (C,): ``n, acc_clean, acc_selected_noise, acc_others_noise``.
+    Noise is drawn per class from ``numpy.random.default_rng([s, y])`` for every noise
+    seed ``s`` in ``seeds`` (default ``[seed]``), so a class's result does not depend on
+    the others; the accuracies are means over the seeds, ``*_sd`` their standard
+    deviation over seeds (ddof 1; 0 for one seed). A class with no instances gets NaN.
+    Returns arrays (C,): ``n, acc_clean, acc_selected_noise, acc_others_noise,
+    acc_selected_noise_sd, acc_others_noise_sd``, and per instance (N,), in input order:
+    ``outcome_clean`` (0/1) and ``outcome_selected_noise``, ``outcome_others_noise``
+    (the fraction of noise seeds under which the instance is still classified as its class).
     """
     if head not in ("full", "decomposed"):
         raise ValueError(f"head must be 'full' or 'decomposed', got {head!r}")
+    seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty")
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     w = np.asarray(weight, dtype=np.float64)
@@ -100,8 +111,13 @@ def essentiality_test(
     def predict(x: np.ndarray) -> np.ndarray:
         return (x @ w_eval.T + b).argmax(1)
 
-    out = {k: np.full(C, np.nan) for k in ("acc_clean", "acc_selected_noise", "acc_others_noise")}
+    keys = ("acc_clean", "acc_selected_noise", "acc_others_noise", "acc_selected_noise_sd", "acc_others_noise_sd")
+    out = {k: np.full(C, np.nan) for k in keys}
     out["n"] = np.bincount(y, minlength=C)
+    N = f.shape[0]
+    out["outcome_clean"] = np.zeros(N)
+    out["outcome_selected_noise"] = np.zeros(N)
+    out["outcome_others_noise"] = np.zeros(N)
     for c in range(C):
         rows = np.flatnonzero(y == c)
         if rows.size == 0:
@@ -109,15 +125,21 @@ def essentiality_test(
         x = f[rows]
         sel = np.zeros(m, dtype=bool)
         sel[I[c]] = True
-        rng = np.random.default_rng([seed, c])
-        noise = rng.normal(0.0, noise_std, size=x.shape)
-        out["acc_clean"][c] = float((predict(x) == c).mean())
-        xs = x.copy()
-        xs[:, sel] = noise[:, sel]
-        out["acc_selected_noise"][c] = float((predict(xs) == c).mean())
-        xo = x.copy()
-        xo[:, ~sel] = noise[:, ~sel]
-        out["acc_others_noise"][c] = float((predict(xo) == c).mean())
+        clean = predict(x) == c
+        out["outcome_clean"][rows] = clean
+        out["acc_clean"][c] = float(clean.mean())
+        accs: dict[str, list[float]] = {"selected": [], "others": []}
+        for s in seeds:
+            noise = np.random.default_rng([s, c]).normal(0.0, noise_std, size=x.shape)
+            for what, mask in (("selected", sel), ("others", ~sel)):
+                xn = x.copy()
+                xn[:, mask] = noise[:, mask]
+                ok = predict(xn) == c
+                out[f"outcome_{what}_noise"][rows] += ok / len(seeds)
+                accs[what].append(float(ok.mean()))
+        for what, a in accs.items():
+            out[f"acc_{what}_noise"][c] = float(np.mean(a))
+            out[f"acc_{what}_noise_sd"][c] = float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
     empty = np.flatnonzero(out["n"] == 0)
     if empty.size:
         log.warning("essentiality test: class(es) %s have no instances (NaN accuracy)", empty.tolist())
@@ -128,9 +150,9 @@ def essentiality_test(
 
 
 def psi(*, values: Any, q: float = 0.9) -> np.ndarray:
-    """Per instance, the fraction of channels not needed to reach ``q`` of the L1 mass (N,).
+    """Per instance, the share of channels that hold ``q`` of the L1 mass (N,); smaller = more concentrated.
 
-    ``a = sort(|v|, desc)``, ``n_q = min{n : Σ_{r<n} a_r ≥ q · Σ_r a_r}``, ``Ψ = 1 − n_q/m``.
+    ``a = sort(|v|, desc)``, ``n_q = min{n : Σ_{r<n} a_r ≥ q · Σ_r a_r}``, ``Ψ = n_q/m``.
     The comparison allows a relative 1e-12 for rounding in the prefix sums. Rows with
     zero mass have no defined ``n_q``: NaN.
     """
@@ -147,7 +169,7 @@ def psi(*, values: Any, q: float = 0.9) -> np.ndarray:
     total = cs[:, -1:] if m else np.zeros((N, 1))
     reached = cs >= q * total * (1.0 - 1e-12)
     n_q = reached.argmax(axis=1) + 1
-    out = 1.0 - n_q / m
+    out = n_q / m
     out[total[:, 0] <= 0] = np.nan
     return out
 

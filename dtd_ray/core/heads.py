@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dtd_ray.core import stats
+
 
 # Largest (n, C, K) block that evaluate_grid materialises at once (elements): a few
 # MB of float64 stays in cache and bounds memory for ImageNet-size heads.
@@ -191,6 +193,7 @@ def grid_correct(
     bias: np.ndarray,
     idx: np.ndarray,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    outcomes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Number of correctly classified instances for every ``k2`` in ``1..K`` of one ranked map (K,).
 
@@ -200,7 +203,8 @@ def grid_correct(
     instances of label ``y`` contiguous, "predicted ``y``" is the slice test
     ``z_y > max_{c<y} z_c  and  z_y ≥ max_{c>y} z_c`` — exactly ``argmax`` with its
     first-maximum rule, without a gather. Memory: one (K, C, n) block of
-    ≤ ``chunk_elems`` elements.
+    ≤ ``chunk_elems`` elements. ``outcomes`` (K, N) bool, if given, receives every
+    instance's outcome per ``k2`` (in ``fT``'s label-sorted column order).
     """
     C, K = idx.shape
     rows = idx.T.reshape(-1)  # rank-major: rows[r*C + y] = I_y[r]
@@ -229,6 +233,8 @@ def grid_correct(
             if y < C - 1:
                 ok &= zy >= zg[:, y + 1 :].max(axis=1)
             correct += ok.sum(axis=1)
+            if outcomes is not None:
+                outcomes[:, s + lo : s + hi] = ok
     return correct
 
 
@@ -242,6 +248,7 @@ def evaluate_grid(
     dtype: Any = np.float64,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     threads: int | None = None,
+    outcomes: bool = False,
 ) -> list[dict[str, Any]]:
     """Accuracy of the decomposed head for every map and every ``k2`` up to its length.
 
@@ -250,7 +257,9 @@ def evaluate_grid(
     ``(strategy, k1, k2)``: ``strategy, k1, k2, n_instances, correct, acc_full,
     acc_decomposed, head_macs_full (C·m), head_macs_decomposed (C·k2), channels_used``.
     Maps are spread over ``threads`` threads (default: ``torch.get_num_threads()``);
-    numpy releases the GIL inside the vector operations.
+    numpy releases the GIL inside the vector operations. With ``outcomes`` every row also
+    carries ``outcomes``: each instance's 0/1 outcome, in input order, packed as bits
+    (:func:`dtd_ray.core.stats.pack_outcomes`) — what the report's paired bootstrap resamples.
     """
     f = np.asarray(features.numpy() if isinstance(features, torch.Tensor) else features)
     w = np.asarray(weight.detach().numpy() if isinstance(weight, torch.Tensor) else weight, dtype=dtype)
@@ -271,12 +280,20 @@ def evaluate_grid(
         raise ValueError(f"labels outside [0, {C})")
     N = int(f.shape[0])
     f = f.astype(dtype, copy=False)
-    acc_full = float(((f @ w.T + b).argmax(1) == y).mean())
+    full_ok = (f @ w.T + b).argmax(1) == y
+    acc_full = float(full_ok.mean())
     idxs = [check_map(cm.idx, num_classes=C, feature_dim=m).numpy() for cm in maps]
     fT, bounds = _group_by_label(f, y, C)
+    by_label = np.argsort(y, kind="stable")  # _group_by_label's column order
 
-    def one(idx: np.ndarray) -> np.ndarray:
-        return grid_correct(fT=fT, bounds=bounds, weight=w, bias=b, idx=idx, chunk_elems=chunk_elems)
+    def one(idx: np.ndarray) -> Any:
+        out = np.zeros((idx.shape[1], N), dtype=bool) if outcomes else None
+        n = grid_correct(fT=fT, bounds=bounds, weight=w, bias=b, idx=idx, chunk_elems=chunk_elems, outcomes=out)
+        if out is None:
+            return n, None
+        unsorted = np.empty_like(out)
+        unsorted[:, by_label] = out
+        return n, unsorted
 
     threads = int(threads or torch.get_num_threads())
     if threads > 1 and len(idxs) > 1:
@@ -288,13 +305,18 @@ def evaluate_grid(
     else:
         corrects = [one(i) for i in idxs]
     rows: list[dict[str, Any]] = []
-    for cm, idx, correct in zip(maps, idxs, corrects):
+    for cm, idx, (correct, per_instance) in zip(maps, idxs, corrects):
         used = channels_used_by_k2(idx, feature_dim=m)
         for k2 in range(1, idx.shape[1] + 1):
+            extra: dict[str, Any] = {}
+            if per_instance is not None:
+                extra = {"outcomes": stats.pack_outcomes(per_instance[k2 - 1])}
             rows.append(
                 {
+                    **extra,
                     "strategy": cm.strategy,
                     "k1": int(cm.k1),
+                    "map_seed": int(getattr(cm, "seed", -1)),
                     "k2": k2,
                     "n_instances": N,
                     "correct": int(correct[k2 - 1]),

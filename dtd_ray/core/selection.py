@@ -24,6 +24,13 @@ every strategy, which makes each ranking a strict order):
     a per-class permutation drawn from ``numpy.random.default_rng(seed)`` (one
     ``random((C, m))`` draw, ranked by the drawn key, ties impossible in practice and
     broken by lower index). Independent of ``k1``; maps of every ``k2`` are nested.
+    One map per seed (``random_seeds``), so that the report can give a mean ± sd.
+``glm``
+    the order in which the class's features enter the elastic-net regularisation path of
+    a sparse linear head fitted on the selection features (glm-saga; see
+    :mod:`dtd_ray.core.glm` for the objective and the tie-breaks). Independent of ``k1``.
+    It needs the selection split's features, not only the frequency tables, and costs
+    about a minute per model on a CPU, so it is not in :data:`DEFAULT_STRATEGIES`.
 
 For the ``k1``-independent strategies the map's ``k1`` is :data:`K1_NOT_APPLICABLE`
 (``-1``) in every table (``maps/``, evaluation rows), so a ``(strategy, k1, k2)`` key
@@ -41,9 +48,11 @@ import pyarrow as pa
 from dtd_ray.core.counting import FreqTables
 
 
-STRATEGIES = ("frequency", "weight_l1", "contribution", "random")
-K1_INDEPENDENT = ("weight_l1", "contribution", "random")
+STRATEGIES = ("frequency", "weight_l1", "contribution", "random", "glm")  # every valid name, in report order
+DEFAULT_STRATEGIES = ("frequency", "weight_l1", "contribution", "random")  # glm is opt-in (it fits a path)
+K1_INDEPENDENT = ("weight_l1", "contribution", "random", "glm")
 K1_NOT_APPLICABLE = -1
+SEED_NOT_APPLICABLE = -1  # the ``map_seed`` of every map that no seed draws (all but ``random``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,7 @@ class ClassMap:
     score: np.ndarray
     count: np.ndarray | None = None
     nested: bool = True  # False for an imported map: its order is the file's, only the full map is meaningful
+    seed: int = SEED_NOT_APPLICABLE  # the seed that drew a random map (one map per seed; the report averages them)
 
     @property
     def num_classes(self) -> int:
@@ -196,7 +206,8 @@ def select_random(*, num_classes: int, feature_dim: int, k2: int, seed: int) -> 
     check_k2(k2=k2, k1=K1_NOT_APPLICABLE, limit=feature_dim, what="the feature dimension")
     key = np.random.default_rng(seed).random((num_classes, feature_dim))
     idx = rank_rows([key], k=k2)
-    return ClassMap(strategy="random", k1=K1_NOT_APPLICABLE, idx=idx, score=np.take_along_axis(key, idx, 1))
+    return ClassMap(strategy="random", k1=K1_NOT_APPLICABLE, idx=idx, score=np.take_along_axis(key, idx, 1),
+                    seed=int(seed))
 
 
 def select_maps(
@@ -207,11 +218,18 @@ def select_maps(
     k1_grid: Sequence[int] | None = None,
     k2_max: int | None = None,
     seed: int = 0,
+    random_seeds: int = 1,
+    features: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> list[ClassMap]:
     """The maps of a whole grid: for ``frequency`` one map per ``k1`` (length ``k1``, so
     every ``k2 ≤ k1`` is a prefix), for each ``k1``-independent strategy one map of length
-    ``k2_max`` (default: the largest ``k1``).
+    ``k2_max`` (default: the largest ``k1``); ``random`` gets one map per seed
+    ``seed, seed + 1, …, seed + random_seeds − 1`` (a single random draw says little).
+    ``glm`` fits its path on ``features``/``labels`` (the selection split), which it requires.
     """
+    if random_seeds < 1:
+        raise ValueError(f"random_seeds={random_seeds} must be ≥ 1")
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategy {unknown[0]!r}; valid: {', '.join(STRATEGIES)}")
@@ -229,8 +247,17 @@ def select_maps(
             out.append(select_weight_l1(weight=w, k2=kk))
         elif strategy == "contribution":
             out.append(select_contribution(weight=w, class_mean_features=freq.class_mean_features(), k2=kk))
+        elif strategy == "random":
+            out.extend(select_random(num_classes=w.shape[0], feature_dim=w.shape[1], k2=kk, seed=seed + i)
+                       for i in range(random_seeds))
         else:
-            out.append(select_random(num_classes=w.shape[0], feature_dim=w.shape[1], k2=kk, seed=seed))
+            if features is None or labels is None:
+                raise ValueError("the glm strategy fits its path on the selection features: pass features and labels")
+            # imported here: core.glm builds its ClassMap from this module
+            from dtd_ray.core.glm import select_glm
+
+            check_k2(k2=kk, k1=K1_NOT_APPLICABLE, limit=w.shape[1], what="the feature dimension")
+            out.append(select_glm(features=features, labels=labels, num_classes=w.shape[0], kmax=kk, seed=seed))
     return out
 
 

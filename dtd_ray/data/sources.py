@@ -171,7 +171,11 @@ def parse_source(spec: str) -> Source:
         raise ValueError(f"dataset spec {spec!r} needs a path: {kind}:PATH")
     uri = _normalise_uri(path)
     fs, root = storage.resolve(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    try:
+        found = fs.get_file_info(root).type
+    except OSError as e:  # an object store that refuses the credentials or cannot be reached: one line
+        raise FileNotFoundError(f"{kind} dataset {storage.explain(e, uri)}") from None
+    if found != pafs.FileType.Directory:
         raise FileNotFoundError(f"{kind} dataset folder not found: {uri}")
     if kind == "imagefolder":
         return _parse_imagefolder(uri, fs, root)

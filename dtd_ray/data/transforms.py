@@ -68,7 +68,8 @@ def _array_to_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _decode(path: str) -> Image.Image:
-    """Open and fully decode one file (local path or URI); raises _BadInput on failure."""
+    """Open and fully decode one file (local path or URI); raises _BadInput on failure (an object
+    store's own failure, :func:`dtd_ray.io.storage.store_failed`, as the ``OSError`` it is)."""
     try:
         if "://" in path:
             fs, p = storage.resolve(path)
@@ -78,6 +79,8 @@ def _decode(path: str) -> Image.Image:
             with open(path, "rb") as f:
                 data = f.read()
     except OSError as e:
+        if storage.store_failed(path, e):  # the store's outage, not a bad image: fail the batch, commit nothing
+            raise
         raise _BadInput(f"unreadable: {e.strerror or e}") from None
     if not data:
         raise _BadInput("undecodable: empty file")

@@ -79,7 +79,8 @@ def partition_path(root: str, **keys: object) -> str:
 # --- maps/ as written by decompose: MAPS_SCHEMA plus the strategy's ranking score ---
 # (``count`` is the frequency count for ``frequency`` rows and null for the other
 # strategies; ``k1`` is -1 for strategies whose map does not depend on k1.)
-MAPS_SCORED_SCHEMA = pa.schema(list(MAPS_SCHEMA) + [pa.field("score", pa.float64())])
+# ``map_seed`` is the seed of a random map (one map per seed), -1 for every other strategy.
+MAPS_SCORED_SCHEMA = pa.schema(list(MAPS_SCHEMA) + [pa.field("score", pa.float64()), pa.field("map_seed", pa.int32())])
 
 # --- eval/ : accuracy of decomposed heads on cached features (decompose) ---------
 EVAL_SCHEMA = pa.schema(
@@ -90,6 +91,7 @@ EVAL_SCHEMA = pa.schema(
         pa.field("correct_only", pa.bool_()),  # selection counted only correctly classified instances
         pa.field("strategy", pa.string()),
         pa.field("k1", pa.int32()),  # -1 where the strategy does not depend on k1
+        pa.field("map_seed", pa.int32()),  # the random map's seed; -1 for the other strategies
         pa.field("k2", pa.int32()),
         pa.field("n_instances", pa.int64()),
         pa.field("acc_full", pa.float64()),
@@ -97,12 +99,63 @@ EVAL_SCHEMA = pa.schema(
         pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
         pa.field("head_macs_decomposed", pa.int64()),  # C·k2
         pa.field("channels_used", pa.int32()),  # |∪_y I_y|
+        pa.field("outcomes", pa.binary()),  # per instance 0/1, sorted by sample_id, packed bits (core.stats)
+    ]
+)
+
+# --- instances/ : one row per evaluation instance (decompose) -------------------------
+# The per-instance numbers the report's paired bootstrap resamples: the full head's outcome
+# and Ψ; sorted by sample_id, the order of every ``outcomes`` column.
+INSTANCES_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field(SAMPLE_ID, pa.int64()),
+        pa.field(LABEL, pa.int32()),
+        pa.field("correct_full", pa.bool_()),  # the original head's prediction is the label
+        pa.field("psi", pa.float64()),  # Ψ: share of the features holding q of the L1 mass (NaN: no mass)
+    ]
+)
+
+# --- essentiality/ : the essentiality test per instance (decompose) ---------------------
+ESSENTIALITY_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("strategy", pa.string()),
+        pa.field("map_seed", pa.int32()),
+        pa.field("k2", pa.int32()),
+        pa.field(SAMPLE_ID, pa.int64()),
+        pa.field(LABEL, pa.int32()),
+        pa.field("clean", pa.float64()),  # 0/1: classified as its class with its own features
+        pa.field("selected_noise", pa.float64()),  # share of noise seeds still right with I_y replaced by noise
+        pa.field("others_noise", pa.float64()),  # the same with the other m − k features replaced
     ]
 )
 
 
+# --- localisation/<model>.parquet : the localisation scores per image and method (jobs/localise.py) ---
+LOCALISATION_SCHEMA = pa.schema([
+    ("model", pa.string()),
+    ("image", pa.int32()),  # position in the localisation set (0..n_images−1)
+    ("sample_id", pa.int64()),  # the source row's sample_id
+    ("label", pa.int16()),  # the true class y (the class whose maps are scored)
+    ("pred", pa.int16()),  # the model's prediction on the canvas
+    ("method", pa.string()),  # METHODS
+    ("energy_in_box", pa.float64()),  # Σ_{p∈box} max(M,0) / Σ_p max(M,0); 0 for a map with no positive mass
+    ("pointing", pa.float64()),  # 1 if argmax M is in the box (random: the mean over seeds; uniform: the chance)
+    ("empty_maps", pa.int16()),  # how many of the n_maps maps had no positive mass (each scored 0)
+    ("n_maps", pa.int16()),  # maps averaged into the row (random_seeds for random, else 1)
+    ("k", pa.int16()),
+    ("canvas", pa.int16()),
+    ("background", pa.string()),
+    ("seed", pa.int32()),  # canvas seed (positions, donors, backgrounds)
+    ("x0", pa.int16()), ("y0", pa.int16()), ("x1", pa.int16()), ("y1", pa.int16()),  # the box, half-open
+    ("donor_sample_id", pa.int64()),  # sample_id of the image whose background was used
+])
+
+
 # --- trials/<trial_id>.parquet : one row per finished trial (sweep) ------------------
-TRIALS_SCHEMA_VERSION = 1
+TRIALS_SCHEMA_VERSION = 2  # 2: map_seed (one random map per seed) and per-instance outcomes
 # Accuracies are in percent (0–100), as the trainables report them; note that eval/
 # (decompose) stores fractions. k1 is -1 for strategies whose map does not depend on k1.
 TRIALS_SCHEMA = pa.schema(
@@ -125,7 +178,8 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("lr", pa.float64()),  # null for mode none
         pa.field("batch_size", pa.int32()),
         pa.field("weight_decay", pa.float64()),
-        pa.field("seed", pa.int32()),
+        pa.field("seed", pa.int32()),  # the sweep's seed (training order, augmentation)
+        pa.field("map_seed", pa.int32()),  # the random map's seed; -1 for the other strategies
         pa.field("n_eval", pa.int64()),  # instances of eval_split in the records
         pa.field("acc_full", pa.float64()),  # the original head on eval_split (cached features)
         pa.field("acc_decomposed", pa.float64()),  # the decomposed head before any training (cached features)
@@ -136,6 +190,9 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
         pa.field("head_macs_decomposed", pa.int64()),  # C·k2
         pa.field("channels_used", pa.int32()),  # |∪_y I_y|
+        # per eval instance (sorted by sample_id) 0/1: the row's final head right (retrained where
+        # trained), packed bits (core.stats.pack_outcomes): what the report's paired bootstrap resamples
+        pa.field("outcomes", pa.binary()),
         pa.field("seconds", pa.float64()),  # trial wall time (null for mode none)
         pa.field("use_gpu", pa.bool_()),
         pa.field("checkpoint", pa.string()),  # the trial's last checkpoint (null for mode none)

@@ -65,6 +65,7 @@ def maps_to_table(maps: Sequence[ClassMap], *, model: str) -> "pa.Table":
             np.full(n, None, dtype=object) if cm.count is None else cm.count.reshape(-1).astype(object)
         )
         cols["score"].append(cm.score.reshape(-1).astype(np.float64))
+        cols["map_seed"].append(np.full(n, cm.seed, dtype=np.int32))
     arrays = []
     for f in schema.MAPS_SCORED_SCHEMA:
         parts = cols[f.name]
@@ -73,15 +74,22 @@ def maps_to_table(maps: Sequence[ClassMap], *, model: str) -> "pa.Table":
     return pa.Table.from_arrays(arrays, schema=schema.MAPS_SCORED_SCHEMA)
 
 
-def map_from_table(table, *, strategy: str, k1: int, k2: int, num_classes: int | None = None) -> ClassMap:
+def map_from_table(table, *, strategy: str, k1: int, k2: int, num_classes: int | None = None,
+                   map_seed: int | None = None) -> ClassMap:
     """The ``(strategy, k1, k2)`` map from a ``maps/`` table (Arrow or pandas).
 
     Picks the stored map of that strategy and ``k1`` (``-1`` for k1-independent
-    strategies) whose length is ≥ ``k2`` and takes its first ``k2`` ranks.
+    strategies) whose length is ≥ ``k2`` and takes its first ``k2`` ranks. A random
+    map is one per seed: ``map_seed`` picks it (default: the smallest stored seed).
     """
 
     df = table.to_pandas() if isinstance(table, pa.Table) else table
     sel = df[(df["strategy"] == strategy) & (df["k1"] == k1) & (df["k2"] >= k2)]
+    if "map_seed" in sel and len(sel):
+        seed = int(sel["map_seed"].min()) if map_seed is None else int(map_seed)
+        sel = sel[sel["map_seed"] == seed]
+    else:
+        seed = -1
     if sel.empty:
         raise ValueError(f"no stored {strategy} map with k1={k1} and length ≥ {k2}")
     K = int(sel["k2"].min())
@@ -99,7 +107,7 @@ def map_from_table(table, *, strategy: str, k1: int, k2: int, num_classes: int |
     count = None
     if strategy == "frequency" and sel["count"].notna().all():
         count = sel["count"].to_numpy().astype(np.int64).reshape(C, k2)
-    return ClassMap(strategy=strategy, k1=int(k1), idx=idx, score=score, count=count)
+    return ClassMap(strategy=strategy, k1=int(k1), idx=idx, score=score, count=count, seed=seed)
 
 
 # --------------------------------------------------------------------------- JSON maps

@@ -7,11 +7,14 @@ first and requests a GPU only when one exists or the autoscaler is asked for one
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 import ray
 from ray.autoscaler.sdk import request_resources
+
+from dtd_ray.io import storage
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,28 @@ def probe() -> Cluster:
     per = max(1, int(min(n["Resources"]["CPU"] for n in nodes))) if nodes else 1
     return Cluster(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)), nodes=max(1, len(nodes)),
                    cpus_per_node=per)
+
+
+def autoscaler_max_nodes() -> int:
+    """Nodes the autoscaler's config allows (best effort; 0 where there is no autoscaler, as on a local Ray)."""
+    try:
+        from ray._private.state import state  # private API: absent or different in other Ray versions
+
+        config = state.get_cluster_config()
+        if config is None:
+            return 0
+        counts = [int(g.max_count) for g in config.node_group_configs]
+        return sys.maxsize if any(c < 0 for c in counts) else sum(counts)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def check_output(uri: str, *, shared_fs: bool) -> None:
+    """Refuse a local ``uri`` as the output of a cluster that has (or may autoscale to) more than one node,
+    unless ``shared_fs`` declares it mounted on every node (:func:`dtd_ray.io.storage.check_shared`)."""
+    if shared_fs or not storage.is_local(uri):
+        return  # no cluster query needed
+    storage.check_shared(uri, nodes=probe().nodes, max_nodes=autoscaler_max_nodes(), shared_fs=shared_fs)
 
 
 def autoscaler_max_gpus() -> float:

@@ -51,6 +51,7 @@ class ExtractConfig:
     dataset: str = "imagefolder:../shared/data/cifar10"  # imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]
     splits: tuple[str, ...] = ("train", "test")  # which splits of the dataset to extract
     output: str = "runs/extract"  # root URI; records go to <output>/records/model=<tag>/split=<split>/
+    shared_fs: bool = False  # the local output is on a filesystem every node mounts (NFS); without it a local output on a multi-node cluster is refused
     tag: str | None = None  # partition name for the model (default: the model name); set it for custom weights
     kmax: int = 64  # ranked top-k feature indices stored per instance (capped at the feature dimension)
     batch_size: int = 256  # images per model batch (use 1024+ on a GPU)
@@ -391,6 +392,8 @@ def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None) -> dict
     of :func:`check_extract` where the caller already ran it.
     """
     plan = plan or check_extract(cfg)
+    # Before anything is written: the records are written by tasks on any node of the cluster.
+    cluster.check_output(cfg.output, shared_fs=cfg.shared_fs)
     source = plan.source
     res = plan_resources(cfg)
     t0 = time.perf_counter()

@@ -309,8 +309,10 @@ def finetune_trainable(config: dict[str, Any]) -> None:
             "seconds_eval": ev["seconds"],
             "n_eval": ev["n"],
         }
+        if "outcomes" in ev:  # per eval instance, for the report's paired bootstrap
+            metrics["outcomes"] = ev["outcomes"]
         history.append(metrics)
-        log.info("finetune epoch %d: %s", epoch, metrics)
+        log.info("finetune epoch %d: %s", epoch, {k: v for k, v in metrics.items() if k != "outcomes"})
         state = {
             "epoch": epoch,
             "backbone": {k: v.detach().cpu() for k, v in backbone.features.state_dict().items()},

@@ -29,11 +29,15 @@ Modules: ``tables`` (reading a sweep folder; the tables; markdown tables), ``cla
 
 from dtd_ray.report.build import ReportConfig, make_report
 from dtd_ray.report.cam import class_activation_maps, last_block_maps
-from dtd_ray.report.claims import findings, trend
+from dtd_ray.report.claims import Claim, claims_table, findings, trend
+from dtd_ray.report.evidence import Evidence
 from dtd_ray.report.tables import SweepOutput, depth_of, headline_table, model_table, read_sweep
 
 __all__ = [
+    "Claim",
+    "Evidence",
     "ReportConfig",
+    "claims_table",
     "SweepOutput",
     "class_activation_maps",
     "depth_of",

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dtd_ray import config as config_lib
-from dtd_ray.core import selection
+from dtd_ray.core import selection, stats
+from dtd_ray.io import storage
 from dtd_ray.report.cam import cam_figure
-from dtd_ray.report.claims import findings
+from dtd_ray.report.claims import Claim, claims_frame, claims_table, findings
+from dtd_ray.report.evidence import Evidence, evidence_or_none
+from dtd_ray.report.localisation import localisation_differences, localisation_section, read_localisation
 from dtd_ray.report.plots import (plot_accuracy_vs_k, plot_gap_vs_depth, plot_head_cost, plot_psi_vs_depth,
                                   plot_retraining)
 from dtd_ray.report.tables import (MODE_LABELS, SweepOutput, accuracy_by_k, copy_tables, headline_table,
@@ -42,34 +48,64 @@ class ReportConfig:
             raise ValueError("cam_images must be >= 0, cam_classes and k >= 1")
 
 
+@dataclass
+class ReportTables:
+    """Every number the report's text states, computed from a sweep folder (see :func:`report_tables`)."""
+
+    evidence: Evidence | None
+    models: pd.DataFrame
+    headline: pd.DataFrame
+    claims: list[Claim]
+    findings: list[str]
+
+
+def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
+    """The model table, the headline at ``k``, the claims and the findings of one sweep folder.
+
+    One function for :func:`make_report` and for the test that checks README and the
+    committed reports against the committed tables, so the two cannot drift apart.
+    """
+    trials = sw.trials
+    ks = sorted(set(int(x) for x in trials["k2"]))
+    if k not in ks:
+        raise ValueError(f"--k {k} is not in the sweep's k grid {ks}")
+    ev = evidence_or_none(sw.root, trials)
+    psi = {m: float(np.nanmean(ev.psi(m))) for m in ev.instances} if ev is not None else None
+    models = model_table(trials, sw.analysis, psi=psi)
+    loc, _ = read_localisation(sw.root)
+    return ReportTables(evidence=ev, models=models, headline=headline_table(trials, models, k=k),
+                        claims=claims_table(trials, models, k=k, evidence=ev,
+                                            localisation=localisation_differences(loc) if not loc.empty else None),
+                        findings=findings(trials, models, k=k, evidence=ev))
+
+
 def make_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write ``report.md`` and ``plots/*.png``; returns paths, findings and the headline table."""
     t0 = time.perf_counter()
     sw = read_sweep(cfg.sweep)
     out = (cfg.output or sw.root).rstrip("/")
-    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-    if os.path.abspath(out) != os.path.abspath(sw.root):
+    # Plots and markdown are drawn in a local folder: ``out`` itself, or for an object store
+    # (``s3://…``) a temporary one whose files are uploaded at the end.
+    work = out if storage.is_local(out) else tempfile.mkdtemp(prefix="dtd-report-")
+    os.makedirs(os.path.join(work, "plots"), exist_ok=True)
+    if not storage.same_location(out, sw.root):
         copy_tables(sw.root, out)
     trials = sw.trials
-    ks = sorted(set(int(x) for x in trials["k2"]))
-    if cfg.k not in ks:
-        raise ValueError(f"--k {cfg.k} is not in the sweep's k grid {ks}")
-    models = model_table(trials, sw.analysis)
-    head = headline_table(trials, models, k=cfg.k)
-    facts = findings(trials, models, k=cfg.k)
+    rt = report_tables(sw, k=cfg.k)
+    ev, models, head, claims, facts = rt.evidence, rt.models, rt.headline, rt.claims, rt.findings
     plots: dict[str, str] = {}
 
     def _p(name: str) -> str:
-        return os.path.join(out, "plots", name)
+        return os.path.join(work, "plots", name)
 
     print(f"[report] {len(trials)} trial rows, {len(models)} model(s) -> {out}", flush=True)
-    plot_accuracy_vs_k(trials, models, _p("accuracy_vs_k.png"))
+    plot_accuracy_vs_k(trials, models, _p("accuracy_vs_k.png"), evidence=ev)
     plots["Accuracy against k"] = "plots/accuracy_vs_k.png"
-    if plot_gap_vs_depth(trials, models, _p("gap_vs_depth.png"), k=cfg.k):
+    if plot_gap_vs_depth(trials, models, _p("gap_vs_depth.png"), k=cfg.k, evidence=ev):
         plots["Gap to the full head against depth"] = "plots/gap_vs_depth.png"
-    if plot_psi_vs_depth(models, _p("psi_vs_depth.png")):
+    if plot_psi_vs_depth(models, _p("psi_vs_depth.png"), evidence=ev):
         plots["Ψ against depth"] = "plots/psi_vs_depth.png"
-    if plot_retraining(trials, models, _p("retraining.png")):
+    if plot_retraining(trials, models, _p("retraining.png"), evidence=ev):
         plots["Retraining recovery"] = "plots/retraining.png"
     plot_head_cost(trials, models, _p("head_cost.png"))
     plots["Head cost"] = "plots/head_cost.png"
@@ -96,17 +132,24 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                 print(f"[report] no activation maps for {model}: {info.get('reason')}", flush=True)
             cams.append(info)
 
-    md = render_markdown(cfg, sw=sw, models=models, head=head, facts=facts, plots=plots, cams=cams)
-    path = os.path.join(out, "report.md")
+    md = render_markdown(cfg, sw=sw, models=models, head=head, facts=facts, plots=plots, cams=cams,
+                         claims=claims_frame(claims), localisation=localisation_section(sw.root))
+    path = os.path.join(work, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write(md)
     os.replace(path + ".tmp", path)
-    with open(os.path.join(out, "report_config.json"), "w") as f:
+    with open(os.path.join(work, "report_config.json"), "w") as f:
         json.dump({"config": {**cfg.__dict__, "cam_models": list(cfg.cam_models) if cfg.cam_models else None},
                    "cams": cams}, f, indent=2)
+    if work != out:  # upload: the plots first, report.md (which links them) last
+        storage.copy_tree(os.path.join(work, "plots"), storage.join(out, "plots"))
+        for name in ("report_config.json", "report.md"):
+            storage.copy_file(os.path.join(work, name), storage.join(out, name))
+        shutil.rmtree(work, ignore_errors=True)
+        path = storage.join(out, "report.md")
     print(f"[report] wrote {path} and {len(plots)} plot(s) in {time.perf_counter() - t0:.1f} s", flush=True)
-    return {"report": path, "plots": {k: os.path.join(out, v) for k, v in plots.items()}, "findings": facts,
-            "headline": head, "models": models, "cams": cams}
+    return {"report": path, "plots": {k: storage.join(out, v) for k, v in plots.items()}, "findings": facts,
+            "headline": head, "models": models, "cams": cams, "claims": claims}
 
 
 def render_markdown(
@@ -118,6 +161,8 @@ def render_markdown(
     facts: list[str],
     plots: dict[str, str],
     cams: list[dict[str, Any]],
+    claims: pd.DataFrame | None = None,
+    localisation: list[str] | None = None,
 ) -> str:
     """The text of ``report.md``: the headline table, the findings, the tables by k, retraining,
     essentiality and Ψ, head cost, the activation maps' summary and the plots (``title → path``)."""
@@ -134,15 +179,31 @@ def render_markdown(
     L += ["", f"## Headline at k = {cfg.k}", ""]
     L.append(markdown_table(head))
     L.append("Columns: `full` the original head; one column per strategy, the decomposed head without "
-             "retraining; `gap` full − frequency; the retrained heads (frequency map); Ψ the mean over classes "
-             "of the per-class median Ψ (q = 0.9) of the penultimate features; head MACs decomposed / full per "
+             "retraining (`random`: the mean over its map seeds); `gap` full − frequency; the retrained heads "
+             "(frequency map); Ψ the share of the penultimate features that hold 90 % of an instance's L1 mass "
+             "(mean over the evaluation instances; smaller = more concentrated); head MACs decomposed / full per "
              "instance; channels used ∪ I_y.")
+    if claims is not None and len(claims):
+        L += ["", "## The paper's claims", ""]
+        L.append("Each claim of the paper as a measured difference with its 95 % interval (percentile bootstrap, "
+                 f"{stats.N_BOOT} resamples of the test images, paired: both numbers of a difference are computed on "
+                 "the same resampled images). **supported**: the whole interval lies on the claimed side; "
+                 "**contradicted**: it lies wholly on the other side; **not resolved**: it includes no effect.")
+        L.append("")
+        L.append(markdown_table(claims))
     L += ["", "## What the data says", ""]
     L += [f"- {f}" for f in facts] or ["- (too few points)"]
+    if localisation:
+        L += [""] + list(localisation)
     L += ["", "## Decomposed accuracy against k (no retraining)", ""]
     acc = accuracy_by_k(trials)
     for s in [s for s in selection.STRATEGIES if s in set(acc["strategy"])]:
-        piv = acc[acc["strategy"] == s].pivot_table(index="model", columns="k", values="acc_decomposed")
+        a = acc[acc["strategy"] == s]
+        piv = a.pivot_table(index="model", columns="k", values="acc_decomposed")
+        if int(a["seeds"].max()) > 1:  # random: mean ± sd over its map seeds
+            sd = a.pivot_table(index="model", columns="k", values="acc_decomposed_sd")
+            piv = piv.combine(sd, lambda m_, s_: m_.map("{:.2f}".format) + " ± " + s_.map("{:.2f}".format))
+            s = f"{s} (mean ± sd over {int(a['seeds'].max())} map seeds)"
         piv = piv.reindex([m for m in models["model"] if m in piv.index])
         piv.insert(0, "full", models.set_index("model")["acc_full"].reindex(piv.index))
         piv.columns = [str(c) if c == "full" else f"k={c}" for c in piv.columns]
@@ -165,8 +226,10 @@ def render_markdown(
         a = sw.analysis.groupby(["model", "strategy"], sort=False)[
             ["acc_clean", "acc_selected_noise", "acc_others_noise"]].mean() * 100
         L.append(markdown_table(a.reset_index()))
-        L.append("Mean per-class accuracy (%) with the class's k selected features replaced by noise "
-                 "(`acc_selected_noise`) against the other m − k features replaced (`acc_others_noise`).")
+        L.append("Mean per-class accuracy (%) with the class's k selected features replaced by N(0, 1) noise "
+                 "(`acc_selected_noise`) against the other m − k features replaced (`acc_others_noise`); each the "
+                 "mean over the noise draws (and, for random, over its map seeds). The intervals of these numbers "
+                 "(paired over the test images) are in \"The paper's claims\" (C4).")
         L.append("")
     L += ["## Head cost", ""]
     hc = trials[(trials["retrain_mode"] == "none") & (trials["strategy"] == "frequency")]
@@ -182,8 +245,9 @@ def render_markdown(
         L.append(f"For the first {'correctly classified ' if cfg.cam_correct_only else ''}`{sw.config.get('config', {}).get('eval_split', 'test')}` "
                  f"images of each class: the image, the sum of the class's {cfg.cam_strategy} channels (k = {cfg.k}) "
                  "of the last block before pooling, upsampled over it, and the same with the random strategy's "
-                 "channels, both on one colour scale per image. `mass ratio`: median over images of the selected "
-                 "map's total activation over the random map's.")
+                 "channels: first both on one colour scale per image (colour bar), then each on its own scale. "
+                 "`mass ratio`: median over images of the selected map's total activation over the random map's. "
+                 "The pictures show; the localisation section measures.")
         L.append("")
         L.append(markdown_table(pd.DataFrame(cams)))
     L += ["## Plots", ""]

@@ -2,7 +2,9 @@
 
 For a few test images per class, the class's selected channels of the backbone's last
 block (before pooling) are summed and upsampled over the image, beside the same with
-the random strategy's channels, on one colour scale per image (``cam_<model>.png``).
+the random strategy's channels: once on one colour scale per image (with its colour bar),
+once each on its own scale (``cam_<model>.png``). :mod:`dtd_ray.report.localise` measures
+what these pictures suggest.
 The channel indices of a class map are exactly the last block's channels, since the
 penultimate features are their global average (see :func:`last_block_maps`).
 """
@@ -15,9 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 
-from dtd_ray.core import selection
+from dtd_ray.core import localisation, selection
 from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.io.tables import map_from_table
@@ -62,10 +65,8 @@ def class_activation_maps(*, feature_maps: Any, channels: Any, size: int) -> np.
         raise ValueError(f"need feature maps (N, C, h, w) and channels (N, k), got {tuple(a.shape)} and {tuple(idx.shape)}")
     if idx.numel() and (idx.min() < 0 or idx.max() >= a.shape[1]):
         raise ValueError(f"channel index out of range [0, {a.shape[1]})")
-    picked = torch.gather(a, 1, idx[:, :, None, None].expand(-1, -1, a.shape[2], a.shape[3]))
-    summed = picked.sum(1, keepdim=True)
-    up = F.interpolate(summed, size=(size, size), mode="bilinear", align_corners=False)
-    return up[:, 0].numpy()
+    # The same two steps the localisation scores use (dtd_ray.core.localisation), so the pictures show what is measured.
+    return localisation.upsample(localisation.channel_sum(feature_maps=a, channels=idx), size=size)
 
 
 def _exists(p: str | None) -> bool:
@@ -79,6 +80,23 @@ def _resolve_path(p: str | None) -> str | None:
         return p
     cand = os.path.join(PROJECT, p)
     return cand if os.path.exists(cand) else p
+
+
+def load_unit_backbone(unit: dict[str, Any]) -> Any:
+    """The backbone of one resolved sweep unit (``sweep_config.json``'s ``resolved.units``), in eval mode,
+    with the unit's normalization: the sweep's absolute weights path where it exists here, else the configured one."""
+    weights = unit.get("weights_abs") if _exists(unit.get("weights_abs")) else _resolve_path(unit.get("weights"))
+    backbone = get_backbone(unit["backbone"], weights=weights, normalization=unit.get("normalization"))
+    return backbone.eval()
+
+
+def unit_source(unit: dict[str, Any]) -> Any:
+    """The dataset :class:`~dtd_ray.data.sources.Source` of one resolved sweep unit, found as
+    :func:`load_unit_backbone` finds its weights."""
+    kind, sep, where = str(unit["dataset"]).partition(":")
+    if sep and _exists(str(unit.get("dataset_abs", "")).partition(":")[2]):
+        return parse_source(unit["dataset_abs"])
+    return parse_source(f"{kind}:{_resolve_path(where)}" if sep and "://" not in where else unit["dataset"])
 
 
 def cam_figure(
@@ -95,20 +113,14 @@ def cam_figure(
 ) -> dict[str, Any]:
     """Draw the activation-map figure of one model; returns what it showed (or why not)."""
     # The sweep's absolute paths where they exist here, else the configured ones from here.
-    weights = unit.get("weights_abs") if _exists(unit.get("weights_abs")) else _resolve_path(unit.get("weights"))
-    backbone = get_backbone(unit["backbone"], weights=weights, normalization=unit.get("normalization"))
-    backbone.eval()
+    backbone = load_unit_backbone(unit)
     maps = pd.read_parquet(maps_file)
     k1 = k if strategy == "frequency" else selection.K1_NOT_APPLICABLE
     sel = map_from_table(maps, strategy=strategy, k1=k1, k2=k).idx
     rnd = map_from_table(maps, strategy="random", k1=selection.K1_NOT_APPLICABLE, k2=k).idx \
         if (maps["strategy"] == "random").any() else \
         selection.select_random(num_classes=sel.shape[0], feature_dim=backbone.feature_dim, k2=k, seed=0).idx
-    kind, sep, where = str(unit["dataset"]).partition(":")
-    if sep and _exists(str(unit.get("dataset_abs", "")).partition(":")[2]):
-        src = parse_source(unit["dataset_abs"])
-    else:
-        src = parse_source(f"{kind}:{_resolve_path(where)}" if sep and "://" not in where else unit["dataset"])
+    src = unit_source(unit)
     cols = src.read_numpy(split)
     labels = np.asarray(cols["label"])
     C = min(backbone.num_classes, max_classes)
@@ -145,32 +157,51 @@ def cam_figure(
                 "reason": "no correctly classified test image" if correct_only else "no test image"}
     classes = list(src.classes)[:C]
     rows_c = sorted({p[0] for p in picked})
-    ncol = 3 * n_images
-    fig = figure(1.25 * ncol, 1.3 * len(rows_c) + 0.5)
+    ncol = 5 * n_images  # per image: image | selected, random (shared scale) | selected, random (own scale)
+    fig = figure(1.2 * ncol + 0.45 * n_images, 1.3 * len(rows_c) + 1.0)
     axes = fig.subplots(len(rows_c), ncol, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
-    # One colour scale per image for both maps (the larger of the two maxima), so the
-    # random channels' map is drawn weaker where its activations are weaker.
+    # Shared scale: one colour scale per image for both maps (the larger of the two maxima), so
+    # the random channels' map is drawn weaker where its activations are weaker; its colour bar
+    # gives the scale. Own scale: each map from 0 to its own maximum, so where a weak map puts
+    # its mass stays visible (a shared scale alone would hide it).
     ratio = []
+    own_axes = []
     for r, c in enumerate(rows_c):
         items = [p for p in picked if p[0] == c]
         for j, (_, img, ms, mr_) in enumerate(items):
             vmax = max(float(ms.max()), float(mr_.max()), 1e-8)
             ratio.append(float(ms.sum()) / max(float(mr_.sum()), 1e-8))
             grey = img[..., 0] if img.shape[-1] == 1 else None
-            for col, (m, title) in enumerate([(None, "image"), (ms, f"{strategy} k={k}"), (mr_, f"random k={k}")]):
-                ax = axes[r, 3 * j + col]
+            panels = [(None, "image", None), (ms, f"{strategy} k={k}\n(shared scale)", vmax),
+                      (mr_, f"random k={k}\n(shared scale)", vmax),
+                      (ms, f"{strategy}\n(own scale)", max(float(ms.max()), 1e-8)),
+                      (mr_, "random\n(own scale)", max(float(mr_.max()), 1e-8))]
+            shared = None
+            for col, (m, title, top) in enumerate(panels):
+                ax = axes[r, 5 * j + col]
                 if grey is not None:
                     ax.imshow(grey, cmap="gray")
                 else:
                     ax.imshow(img)
                 if m is not None:
-                    ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+                    im = ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=top)
+                    if col == 1:
+                        shared = im
+                    if col >= 3:
+                        own_axes.append(ax)
                 if r == 0:
-                    ax.set_title(title, fontsize=7)
-            axes[r, 3 * j].text(-0.1, 0.5, classes[c] if j == 0 else "", transform=axes[r, 3 * j].transAxes,
+                    ax.set_title(title, fontsize=6)
+            cb = fig.colorbar(shared, ax=[axes[r, 5 * j + 1], axes[r, 5 * j + 2]], location="right",
+                              fraction=0.04, pad=0.01, aspect=12)
+            cb.ax.tick_params(labelsize=5)
+            axes[r, 5 * j].text(-0.1, 0.5, classes[c] if j == 0 else "", transform=axes[r, 5 * j].transAxes,
                                 ha="right", va="center", fontsize=7)
+    own = ScalarMappable(norm=Normalize(0, 1), cmap="jet")
+    cb = fig.colorbar(own, ax=own_axes, location="bottom", fraction=0.03, pad=0.02, aspect=40, shrink=0.5)
+    cb.set_label("own scale: the map over its own maximum", fontsize=6)
+    cb.ax.tick_params(labelsize=5)
     fig.suptitle(f"{unit['key']}: last-block channels of the class's map (k = {k}) vs random channels", fontsize=9)
     fig.savefig(path)
     return {"model": unit["key"], "shown": len(picked), "classes": len(rows_c),

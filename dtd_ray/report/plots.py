@@ -7,17 +7,54 @@ without a display; ``savefig`` renders PNGs with the Agg canvas.
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dtd_ray.core import selection
+from dtd_ray.report.evidence import Evidence
 from dtd_ray.report.tables import accuracy_at, accuracy_by_k
 
 # Stable colours per strategy across every plot.
 STRATEGY_COLORS = {"frequency": "tab:blue", "weight_l1": "tab:orange", "contribution": "tab:green",
-                   "random": "tab:gray"}
+                   "random": "tab:gray", "glm": "tab:purple"}
+
+
+def plt_cmap(i: int, n: int) -> tuple:
+    """Colour ``i`` of ``n`` from viridis (distinct from the strategies' colours)."""
+    return matplotlib.colormaps["viridis"](i / max(1, n - 1) * 0.9)
+
+
+def figure_legend(fig: Figure, axes: list[Axes], **kw) -> None:
+    """One legend for the whole figure, below the panels, so that it covers no data."""
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles[lab], labels[lab] = h, lab
+    if handles:
+        fig.legend(list(handles.values()), list(labels.values()), loc="outside lower center",
+                   ncol=min(len(handles), 3), fontsize=7, **kw)
+
+
+def legend_below(ax: Axes, *, ncol: int = 2) -> None:
+    """The axis' legend under it, outside the data (constrained layout makes room)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize=7)
+
+
+def accuracy_interval(ev: Evidence | None, model: str, strategy: str, k: int, mode: str = "none",
+                      *, full: bool = False) -> tuple[float, float] | None:
+    """The 95 % bootstrap interval (%) of one accuracy, or of the gap full − it (``full``); None without outcomes."""
+    if ev is None or not ev.has(model):
+        return None
+    v = ev.outcome(model, strategy, k, mode)
+    if v is None:
+        return None
+    e = ev.estimate(ev.full(model) - v if full else v, model)
+    return e.lo, e.hi
 
 
 def figure(w: float, h: float) -> Figure:
@@ -44,76 +81,118 @@ def per_model_axes(models: pd.DataFrame, *, xlabel: str) -> tuple[Figure, list[t
     return fig, pairs
 
 
-def plot_accuracy_vs_k(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> None:
-    """Decomposed accuracy against k per model, one line per strategy, the full head dotted."""
+def plot_accuracy_vs_k(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, evidence: Evidence | None = None) -> None:
+    """Decomposed accuracy against k per model, one line per strategy, the full head dotted.
+
+    Bands: the 95 % bootstrap interval over the test images (``evidence``); for random, ± one
+    sd over its map seeds (the spread of the strategy, which is larger than either interval)."""
     acc = accuracy_by_k(trials)
     fig, pairs = per_model_axes(models, xlabel="k1 = k2 = k (features per class)")
     for ax, mr in pairs:
         d = acc[acc["model"] == mr["model"]]
         for s, ds in d.groupby("strategy", sort=False):
-            ax.plot(ds["k"], ds["acc_decomposed"], marker="o", ms=3, label=s, color=STRATEGY_COLORS.get(s))
-        ax.axhline(mr["acc_full"], color="black", ls=":", lw=1, label=f"full ({mr['acc_full']:.2f})")
-    pairs[0][0].legend(fontsize=7)
+            col = STRATEGY_COLORS.get(s)
+            ds = ds.sort_values("k")
+            label = s + (f" (mean ± sd, {int(ds['seeds'].max())} seeds)" if ds["seeds"].max() > 1 else " (95 % CI)")
+            ax.plot(ds["k"], ds["acc_decomposed"], marker="o", ms=3, label=label, color=col)
+            if ds["seeds"].max() > 1:
+                lo, hi = ds["acc_decomposed"] - ds["acc_decomposed_sd"], ds["acc_decomposed"] + ds["acc_decomposed_sd"]
+            else:
+                ci = [accuracy_interval(evidence, mr["model"], s, int(kk)) for kk in ds["k"]]
+                if any(c is None for c in ci):
+                    continue
+                lo, hi = [c[0] for c in ci], [c[1] for c in ci]
+            ax.fill_between(ds["k"], lo, hi, color=col, alpha=0.25, lw=0)
+        ax.axhline(mr["acc_full"], color="black", ls=":", lw=1, label="full head")
+    figure_legend(fig, [ax for ax, _ in pairs])
     fig.suptitle("Decomposed head accuracy against k (no retraining)", fontsize=10)
     fig.savefig(path)
 
 
-def plot_gap_vs_depth(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, k: int) -> bool:
-    """The gap to the full head against depth: per strategy at ``k``, and per k for the frequency maps.
+def plot_gap_vs_depth(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, k: int,
+                      evidence: Evidence | None = None) -> bool:
+    """The gap to the full head against depth: per strategy at ``k`` (random on its own axis, so that
+    its large gap does not flatten the others), and per k for the frequency maps; bars: 95 %
+    bootstrap intervals (random: ± sd over its map seeds).
 
     Returns False (and draws nothing) when no backbone name carries a depth."""
     m = models.dropna(subset=["depth"])
     if m.empty:
         return False
     acc = accuracy_by_k(trials)
-    fig = figure(8.0, 3.2)
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = figure(11.0, 3.6)
+    ax1, ax_r, ax2 = fig.subplots(1, 3)
+    several = m["dataset"].nunique() > 1
     for dataset, md in m.groupby("dataset", sort=False):
         md = md.sort_values("depth")
+        suffix = f" ({dataset})" if several else ""
         for s in selection.STRATEGIES:
-            gaps = [mr["acc_full"] - accuracy_at(acc, mr["model"], s, k) for _, mr in md.iterrows()]
-            if np.isfinite(gaps).any():
-                ax1.plot(md["depth"], gaps, marker="o", label=f"{s}" + (f" ({dataset})" if m["dataset"].nunique() > 1 else ""),
+            rows = [acc[(acc["model"] == mr["model"]) & (acc["strategy"] == s) & (acc["k"] == k)] for _, mr in md.iterrows()]
+            if not all(len(r) for r in rows):
+                continue
+            gaps = np.array([mr["acc_full"] - float(r["acc_decomposed"].iloc[0]) for (_, mr), r in zip(md.iterrows(), rows)])
+            if s == "random":
+                err = [float(r["acc_decomposed_sd"].iloc[0]) for r in rows]
+                ax_r.errorbar(md["depth"], gaps, yerr=err, marker="o", capsize=3, color=STRATEGY_COLORS[s],
+                              label=f"random, ± sd over seeds{suffix}")
+                continue
+            ci = [accuracy_interval(evidence, mr["model"], s, k, full=True) for _, mr in md.iterrows()]
+            yerr = None if any(c is None for c in ci) else \
+                [gaps - np.array([c[0] for c in ci]), np.array([c[1] for c in ci]) - gaps]
+            ax1.errorbar(md["depth"], gaps, yerr=yerr, marker="o", capsize=3, label=f"{s}{suffix}",
                          color=STRATEGY_COLORS.get(s))
         ks = sorted(set(acc["k"]))
-        for kk in [x for x in (1, 2, 3, 5, 10, 20) if x in ks]:
-            gaps = [mr["acc_full"] - accuracy_at(acc, mr["model"], "frequency", kk) for _, mr in md.iterrows()]
-            ax2.plot(md["depth"], gaps, marker="o", label=f"k = {kk}")
-    ax1.set_title(f"gap to the full head at k = {k}", fontsize=9)
-    ax2.set_title("gap to the full head, frequency strategy", fontsize=9)
-    for ax in (ax1, ax2):
+        shown = [x for x in (1, 2, 3, 5, 10, 20) if x in ks]
+        for kk in shown:
+            gaps = np.array([mr["acc_full"] - accuracy_at(acc, mr["model"], "frequency", kk) for _, mr in md.iterrows()])
+            ci = [accuracy_interval(evidence, mr["model"], "frequency", kk, full=True) for _, mr in md.iterrows()]
+            yerr = None if any(c is None for c in ci) else \
+                [gaps - np.array([c[0] for c in ci]), np.array([c[1] for c in ci]) - gaps]
+            ax2.errorbar(md["depth"], gaps, yerr=yerr, marker="s", ms=4, capsize=2, label=f"k = {kk}{suffix}",
+                         color=plt_cmap(shown.index(kk), len(shown)))
+    ax1.set_title(f"gap at k = {k} (95 % CI)", fontsize=9)
+    ax_r.set_title(f"gap at k = {k}, random maps", fontsize=9)
+    ax2.set_title("gap of the frequency maps by k (95 % CI)", fontsize=9)
+    for ax in (ax1, ax_r, ax2):
         ax.set_xlabel("depth")
         ax.set_ylabel("full − decomposed (points)")
         ax.set_xticks(sorted(set(m["depth"].astype(int))))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        legend_below(ax)
     fig.savefig(path)
     return True
 
 
-def plot_psi_vs_depth(models: pd.DataFrame, path: str) -> bool:
-    """Ψ against depth per dataset (bars: min–max over classes); False when there is no Ψ with a depth."""
+def plot_psi_vs_depth(models: pd.DataFrame, path: str, *, evidence: Evidence | None = None) -> bool:
+    """Ψ against depth per dataset; bars: the 95 % bootstrap interval of the mean over instances
+    (``evidence``), else min–max over the per-class medians. False when there is no Ψ with a depth."""
     m = models.dropna(subset=["depth", "psi_mean"])
     if m.empty:
         return False
-    fig = figure(4.2, 3.2)
+    fig = figure(4.6, 3.6)
     ax = fig.subplots()
+    ci = evidence is not None and all(evidence.has(x) for x in m["model"])
     for dataset, md in m.groupby("dataset", sort=False):
         md = md.sort_values("depth")
-        err = [md["psi_mean"] - md["psi_min"], md["psi_max"] - md["psi_mean"]]
+        if ci:
+            est = [evidence.estimate(evidence.psi(x), x, scale=1.0) for x in md["model"]]
+            err = [[v - e.lo for v, e in zip(md["psi_mean"], est)], [e.hi - v for v, e in zip(md["psi_mean"], est)]]
+        else:
+            err = [md["psi_mean"] - md["psi_min"], md["psi_max"] - md["psi_mean"]]
         ax.errorbar(md["depth"], md["psi_mean"], yerr=err, marker="o", capsize=3, label=dataset)
     ax.set_xlabel("depth")
-    ax.set_ylabel("Ψ (q = 0.9): mean over classes\nbars: min–max over classes")
-    ax.set_title("Ψ: share of features holding 90 % of a class's mass", fontsize=9)
+    ax.set_ylabel("Ψ (q = 0.9), mean over instances\n" + ("bars: 95 % CI" if ci else "bars: min–max over classes"))
+    ax.set_title("Ψ: share of features holding 90 % of the L1 mass\n(smaller = more concentrated)", fontsize=9)
     ax.set_xticks(sorted(set(m["depth"].astype(int))))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    figure_legend(fig, [ax])
     fig.savefig(path)
     return True
 
 
-def plot_retraining(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> bool:
-    """Head-retrained (and fine-tuned) accuracy beside the decomposed one per model; False without retraining."""
+def plot_retraining(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, evidence: Evidence | None = None) -> bool:
+    """Head-retrained (and fine-tuned) accuracy beside the decomposed one per model; bars: 95 %
+    bootstrap intervals of the retrained accuracy (random: ± sd over its map seeds); False without retraining."""
     if not trials["retrain_mode"].isin(["head", "finetune"]).any():
         return False
     fig, pairs = per_model_axes(models, xlabel="k")
@@ -128,13 +207,20 @@ def plot_retraining(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> bo
                 continue
             d = acc[(acc["model"] == mr["model"]) & (acc["strategy"] == s) & acc["k"].isin(h["k"])]
             ax.plot(d["k"], d["acc_decomposed"], color=col, ls=":", marker=".", lw=1)
-            ax.plot(h["k"], h["acc_retrained"], color=col, marker="o", ms=3, label=s)
+            if h["seeds"].max() > 1:
+                yerr = h["acc_retrained_sd"].to_numpy()
+            else:
+                ci = [accuracy_interval(evidence, mr["model"], s, int(kk), "head") for kk in h["k"]]
+                yerr = None if any(c is None for c in ci) else \
+                    [h["acc_retrained"] - [c[0] for c in ci], [c[1] for c in ci] - h["acc_retrained"]]
+            ax.errorbar(h["k"], h["acc_retrained"], yerr=yerr, color=col, marker="o", ms=3, capsize=2, label=s)
             f = fine[(fine["model"] == mr["model"]) & (fine["strategy"] == s)]
             if len(f):
                 ax.plot(f["k"], f["acc_retrained"], color=col, marker="*", ms=14, ls="none", mec="black", zorder=5)
         ax.axhline(mr["acc_full"], color="black", ls=":", lw=1)
-    pairs[0][0].legend(fontsize=7, title="solid: head retrained\ndotted: before\n★: fine-tuned", title_fontsize=6)
-    fig.suptitle("Retraining recovery (black dotted: full head)", fontsize=10)
+    figure_legend(fig, [ax for ax, _ in pairs], title="solid: head retrained (bars: 95 % CI; random: mean ± sd over "
+                  "seeds); dotted: before; ★: fine-tuned; black dotted: full head", title_fontsize=7)
+    fig.suptitle("Retraining recovery", fontsize=10)
     fig.savefig(path)
     return True
 
@@ -155,5 +241,5 @@ def plot_head_cost(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> Non
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Head cost: frequency maps, no retraining", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    figure_legend(fig, [ax])
     fig.savefig(path)

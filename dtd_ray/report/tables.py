@@ -8,18 +8,16 @@ numbers.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from dtd_ray.core import selection
+from dtd_ray.io import storage
 
 MODE_LABELS = {"none": "decomposed", "head": "head retrained", "finetune": "fine-tuned"}
 
@@ -37,35 +35,40 @@ class SweepOutput:
 
 
 def _read_dir(path: str) -> pd.DataFrame:
-    files = sorted(glob.glob(os.path.join(path, "*.parquet")))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    """The Parquet files directly in folder ``path`` (a local path or a URI), one DataFrame."""
+    files = storage.list_files(path, suffix=".parquet")
+    if not files:
+        return pd.DataFrame()
+    fs, _ = storage.resolve(path)
+    return pd.concat([pd.read_parquet(storage.resolve(f)[1], filesystem=fs) for f in files], ignore_index=True)
 
 
 def read_sweep(root: str) -> SweepOutput:
-    """The tables of a sweep's output folder; a one-line ``FileNotFoundError`` if it holds no trials."""
+    """The tables of a sweep's output folder (a local path or a URI such as ``s3://bucket/run``);
+    a one-line ``FileNotFoundError`` if it holds no trials. ``maps_files`` are paths or URIs like ``root``."""
     root = root.rstrip("/")
-    trials = _read_dir(os.path.join(root, "trials"))
+    trials = _read_dir(storage.join(root, "trials"))
     if trials.empty:
         raise FileNotFoundError(f"{root}/trials holds no trial rows: run `python jobs/sweep.py --output {root}` first")
-    cfg_path = os.path.join(root, "sweep_config.json")
-    config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-    analysis = _read_dir(os.path.join(root, "decompose", "analysis"))
+    fs, path = storage.resolve(root)
+    config = storage.read_json(fs, f"{path}/sweep_config.json") or {}
+    analysis = _read_dir(storage.join(root, "decompose", "analysis"))
     maps_files = {}
-    for f in sorted(glob.glob(os.path.join(root, "decompose", "maps", "**", "*.parquet"), recursive=True)):
-        maps_files[os.path.splitext(os.path.basename(f))[0]] = f
+    for f in storage.list_files(storage.join(root, "decompose", "maps"), suffix=".parquet", recursive=True):
+        maps_files[f.rsplit("/", 1)[-1][: -len(".parquet")]] = f
     return SweepOutput(root=root, config=config, trials=trials, analysis=analysis, maps_files=maps_files)
 
 
 def copy_tables(src: str, dst: str) -> None:
-    """Copy the small tables a report is made from (not records) from sweep folder ``src`` to ``dst``."""
-    for rel in ("trials", "decompose/analysis", "decompose/eval", "decompose/maps"):
-        s, d = os.path.join(src, rel), os.path.join(dst, rel)
-        if os.path.isdir(s):
-            if os.path.isdir(d):
-                shutil.rmtree(d)
-            shutil.copytree(s, d)
-    if os.path.exists(os.path.join(src, "sweep_config.json")):
-        shutil.copy2(os.path.join(src, "sweep_config.json"), os.path.join(dst, "sweep_config.json"))
+    """Copy the small tables a report is made from (not records) from sweep folder ``src`` to ``dst``
+    (either may be a URI)."""
+    sfs, spath = storage.resolve(src)
+    for rel in ("trials", "decompose/analysis", "decompose/eval", "decompose/maps", "decompose/instances",
+                "decompose/essentiality", "localisation"):
+        if sfs.get_file_info(f"{spath}/{rel}").type == pafs.FileType.Directory:
+            storage.copy_tree(storage.join(src, rel), storage.join(dst, rel))
+    if storage.exists(sfs, f"{spath}/sweep_config.json"):
+        storage.copy_file(storage.join(src, "sweep_config.json"), storage.join(dst, "sweep_config.json"))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -78,9 +81,14 @@ def depth_of(backbone: str) -> int | None:
 
 
 def accuracy_by_k(trials: pd.DataFrame, *, mode: str = "none", value: str = "acc_decomposed") -> pd.DataFrame:
-    """Rows (model, strategy, k) of one retrain mode with ``value`` (k1 = k2 = k)."""
+    """Rows (model, strategy, k) of one retrain mode with ``value`` (k1 = k2 = k): the mean over a
+    strategy's map seeds (random: one map per seed; the others have one), and ``<value>_sd`` their sd."""
     d = trials[trials["retrain_mode"] == mode]
-    return d.assign(k=d["k2"]).groupby(["model", "strategy", "k"], sort=True)[value].first().reset_index()
+    g = d.assign(k=d["k2"]).groupby(["model", "strategy", "k"], sort=True)[value]
+    out = g.mean().reset_index()
+    out[f"{value}_sd"] = g.std(ddof=1).fillna(0.0).to_numpy()
+    out["seeds"] = g.size().to_numpy()
+    return out
 
 
 def accuracy_at(acc: pd.DataFrame, model: str, strategy: str, k: int) -> float:
@@ -94,9 +102,16 @@ def _num_classes(d: pd.DataFrame) -> int:
     return int(r["head_macs_decomposed"] // max(1, int(r["k2"])))
 
 
-def model_table(trials: pd.DataFrame, analysis: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: backbone, depth, full accuracy, feature dim, Ψ (mean over classes of the per-class median)."""
+def model_table(trials: pd.DataFrame, analysis: pd.DataFrame, *, psi: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per model: backbone, depth, full accuracy, feature dim, Ψ.
+
+    Ψ is the share of the m features that hold 90 % of an instance's L1 mass (smaller: more
+    concentrated): ``psi[model]``, the mean over the test instances, where given (the report's
+    intervals resample exactly that mean); else the mean over classes of the per-class medians.
+    ``psi_min``/``psi_max`` are the smallest and largest per-class medians.
+    """
     rows = []
+    psi_ = psi or {}
     for model, d in trials.groupby("model", sort=False):
         backbone = str(d["backbone"].iloc[0])
         m = int(d["head_macs_full"].iloc[0] // max(1, _num_classes(d)))
@@ -104,7 +119,9 @@ def model_table(trials: pd.DataFrame, analysis: pd.DataFrame) -> pd.DataFrame:
         psi = a.drop_duplicates("class")["psi_median"] if not a.empty else pd.Series(dtype=float)
         rows.append({"model": model, "backbone": backbone, "depth": depth_of(backbone),
                      "dataset": str(d["dataset"].iloc[0]), "acc_full": float(d["acc_full"].iloc[0]),
-                     "feature_dim": m, "psi_mean": float(psi.mean()) if len(psi) else np.nan,
+                     "feature_dim": m,
+                     "psi_mean": float(psi_[model]) if psi_ and model in psi_ else
+                     (float(psi.mean()) if len(psi) else np.nan),
                      "psi_min": float(psi.min()) if len(psi) else np.nan,
                      "psi_max": float(psi.max()) if len(psi) else np.nan})
     out = pd.DataFrame(rows)
@@ -119,7 +136,7 @@ def headline_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int) -> pd.
     for _, mr in models.iterrows():
         d = trials[(trials["model"] == mr["model"]) & (trials["k2"] == k)]
         row: dict[str, Any] = {"model": mr["model"], "depth": mr["depth"], "full": mr["acc_full"]}
-        none = d[d["retrain_mode"] == "none"].set_index("strategy")["acc_decomposed"]
+        none = d[d["retrain_mode"] == "none"].groupby("strategy")["acc_decomposed"].mean()  # random: mean over seeds
         for s in selection.STRATEGIES:
             if s in none.index:
                 row[s] = float(none[s])

@@ -39,10 +39,12 @@ class DecomposeConfig:
     select_seed: int = 0  # seed of that augmented pass (as jobs/extract.py --seed)
     extract_missing: bool = False  # run the augmented extraction (Ray) when its records are missing
     correct_only: bool = False  # count only correctly classified selection instances
-    strategies: tuple[str, ...] = selection.STRATEGIES  # selection strategies to compare
+    strategies: tuple[str, ...] = selection.DEFAULT_STRATEGIES  # selection strategies to compare (or glm too)
     k1: Any = None  # k1 grid: None = 1..kmax, "1..64", "5..100:5" or "5,10,20"
     k2_max: int | None = None  # map length of the k1-independent strategies (default: the largest k1)
-    seed: int = 0  # seed of the random strategy and of the essentiality test's noise
+    seed: int = 0  # first seed of the random strategy's maps and of the essentiality test's noise
+    random_seeds: int = 10  # random maps drawn (seeds seed … seed+n−1); the report gives their mean ± sd
+    noise_seeds: int = 5  # noise draws of the essentiality test (seeds seed … seed+n−1), averaged
     maps_json: tuple[str, ...] = ()  # reference-format JSON maps ({"<class>": [idx, ...]}) to evaluate as well
     export_json: Any = None  # k values (k1 = k2) whose maps are also written as reference JSON, e.g. "5,10,20"
     engine: str = "numpy"  # reduce with "numpy" (streaming, one node) or "ray" (Ray Data map_batches)
@@ -73,6 +75,8 @@ class DecomposeConfig:
             raise ValueError(f"eval_dtype must be 'float64' or 'float32', got {self.eval_dtype!r}")
         if not 0.0 < self.psi_q <= 1.0:
             raise ValueError(f"psi_q={self.psi_q} is outside (0, 1]")
+        if self.random_seeds < 1 or self.noise_seeds < 1:
+            raise ValueError(f"random_seeds={self.random_seeds} and noise_seeds={self.noise_seeds} must be ≥ 1")
 
     @property
     def select_key(self) -> str:
@@ -199,19 +203,27 @@ def analysis_stage(
     y: np.ndarray,
     w: np.ndarray,
     b: np.ndarray,
+    sample_id: np.ndarray,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
-    """Per strategy at k1 = k2 = analysis_k: essentiality per class, channel use; Ψ of the features."""
+    """Per strategy at k1 = k2 = analysis_k: essentiality per class (mean over ``noise_seeds``
+    draws), channel use; Ψ of the features. The third value also carries the per-instance
+    essentiality (``"essentiality"``, :data:`schema.ESSENTIALITY_SCHEMA` columns) and Ψ (``"psi"``)."""
     C, m = w.shape
     k = cfg.analysis_k
     ps = analysis.psi_by_class(values=f, labels=y, num_classes=C, q=cfg.psi_q)
-    frames, summary = [], []
+    noise_seeds = [cfg.seed + i for i in range(cfg.noise_seeds)]
+    frames, summary, per_instance = [], [], []
     for cm in maps:
         if cm.nested:
             if (cm.k1 != selection.K1_NOT_APPLICABLE and cm.k1 != k) or cm.k2 < k:
                 continue
             cm = cm.top(k)
-        ess = analysis.essentiality_test(features=f, labels=y, weight=w, bias=b, idx=cm.idx, seed=cfg.seed)
+        ess = analysis.essentiality_test(features=f, labels=y, weight=w, bias=b, idx=cm.idx, seeds=noise_seeds)
         pr = analysis.pruning_summary(idx=cm.idx, feature_dim=m)
+        per_instance.append(pd.DataFrame({
+            "model": cfg.model, "strategy": cm.strategy, "map_seed": np.int32(cm.seed), "k2": np.int32(cm.k2),
+            schema.SAMPLE_ID: sample_id, schema.LABEL: y.astype(np.int32), "clean": ess["outcome_clean"],
+            "selected_noise": ess["outcome_selected_noise"], "others_noise": ess["outcome_others_noise"]}))
         frames.append(
             pd.DataFrame(
                 {
@@ -221,12 +233,16 @@ def analysis_stage(
                     "correct_only": cfg.correct_only,
                     "strategy": cm.strategy,
                     "k1": cm.k1,
+                    "map_seed": cm.seed,
                     "k2": cm.k2,
                     "class": np.arange(C),
                     "n": ess["n"],
+                    "noise_seeds": len(noise_seeds),
                     "acc_clean": ess["acc_clean"],
                     "acc_selected_noise": ess["acc_selected_noise"],
                     "acc_others_noise": ess["acc_others_noise"],
+                    "acc_selected_noise_sd": ess["acc_selected_noise_sd"],
+                    "acc_others_noise_sd": ess["acc_others_noise_sd"],
                     "psi_median": ps["psi_median"],
                 }
             )
@@ -235,6 +251,7 @@ def analysis_stage(
             {
                 "strategy": cm.strategy,
                 "k1": cm.k1,
+                "map_seed": cm.seed,
                 "k2": cm.k2,
                 "channels_used": pr["channels_used"],
                 "channels_unused": pr["channels_unused"],
@@ -244,6 +261,8 @@ def analysis_stage(
             }
         )
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    ps["essentiality"] = pd.concat(per_instance, ignore_index=True) if per_instance else pd.DataFrame()
+    ps["psi"] = analysis.psi(values=f, q=cfg.psi_q)
     return df, summary, ps
 
 
@@ -318,8 +337,16 @@ def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dic
     warnings = list(freq.warnings)
 
     t = time.perf_counter()
+    glm_data: dict[str, Any] = {}
+    if "glm" in cfg.strategies:  # the path is fitted on the selection split's cached features
+        sel = records.load_records(cfg.records, model=cfg.model, split=cfg.select_key,
+                                   columns=[schema.LABEL, schema.PRED, schema.FEATURES])
+        # a boolean mask copies: the loaded arrays are read-only views of Arrow buffers
+        keep = sel[schema.PRED] == sel[schema.LABEL] if cfg.correct_only else np.ones(len(sel[schema.LABEL]), bool)
+        glm_data = {"features": sel[schema.FEATURES][keep], "labels": sel[schema.LABEL][keep].astype(np.int64)}
     maps = selection.select_maps(
-        strategies=cfg.strategies, freq=freq, weight=w, k1_grid=grid, k2_max=cfg.k2_max, seed=cfg.seed
+        strategies=cfg.strategies, freq=freq, weight=w, k1_grid=grid, k2_max=cfg.k2_max, seed=cfg.seed,
+        random_seeds=cfg.random_seeds, **glm_data,
     )
     maps += imported_maps(cfg, C=C, m=m)
     timings["select"] = time.perf_counter() - t
@@ -328,10 +355,11 @@ def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dic
     ev = records.load_records(
         cfg.records, model=cfg.model, split=cfg.split, columns=[schema.LABEL, schema.PRED, schema.FEATURES]
     )
-    f, y = ev[schema.FEATURES], ev[schema.LABEL].astype(np.int64)
+    f, y = ev[schema.FEATURES], ev[schema.LABEL].astype(np.int64)  # sorted by sample_id (load_records)
     timings["load_eval"] = time.perf_counter() - t
     t = time.perf_counter()
-    rows = heads.evaluate_grid(features=f, labels=y, weight=w, bias=b, maps=maps, dtype=np.dtype(cfg.eval_dtype))
+    rows = heads.evaluate_grid(features=f, labels=y, weight=w, bias=b, maps=maps, dtype=np.dtype(cfg.eval_dtype),
+                               outcomes=True)
     timings["evaluate"] = time.perf_counter() - t
     # a head that is not the one the records were extracted with gives wrong numbers silently: check
     pred = (f.astype(np.float64) @ w.T + b).argmax(1)
@@ -348,7 +376,8 @@ def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dic
     adf, asummary, psi_info = pd.DataFrame(), [], None
     if cfg.analysis_k is not None:
         t = time.perf_counter()
-        adf, asummary, psi_info = analysis_stage(cfg, maps=maps, f=f, y=y, w=w, b=b)
+        adf, asummary, psi_info = analysis_stage(cfg, maps=maps, f=f, y=y, w=w, b=b,
+                                                 sample_id=ev[schema.SAMPLE_ID])
         warnings += psi_info["warnings"]
         timings["analysis"] = time.perf_counter() - t
 
@@ -368,9 +397,20 @@ def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dic
             f"eval/{cfg.eval_stem}.parquet",
         ),
     }
+    instances = pd.DataFrame({"model": cfg.model, "split": cfg.split, schema.SAMPLE_ID: ev[schema.SAMPLE_ID],
+                              schema.LABEL: y.astype(np.int32), "correct_full": pred == y,
+                              "psi": analysis.psi(values=f, q=cfg.psi_q) if psi_info is None else psi_info["psi"]})
+    written["instances"] = _write_parquet(
+        pa.Table.from_pandas(instances, schema=schema.INSTANCES_SCHEMA, preserve_index=False), cfg.output,
+        f"instances/{cfg.eval_stem}.parquet",
+    )
     if not adf.empty:
         written["analysis"] = _write_parquet(
             pa.Table.from_pandas(adf, preserve_index=False), cfg.output, f"analysis/{cfg.eval_stem}.parquet"
+        )
+        written["essentiality"] = _write_parquet(
+            pa.Table.from_pandas(psi_info["essentiality"], schema=schema.ESSENTIALITY_SCHEMA, preserve_index=False),
+            cfg.output, f"essentiality/{cfg.eval_stem}.parquet",
         )
     if cfg.export_json is not None:
         written["json"] = export_json(cfg, maps=maps, kmax=int(grid[-1]))
@@ -389,7 +429,8 @@ def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dic
                 "frequency": "count desc, then class mass Σ|f| over top-kmax desc, then lower index",
                 "weight_l1": "|W| desc, then W desc, then lower index",
                 "contribution": "mean W·f desc, then lower index",
-                "random": "per-class permutation from numpy default_rng(seed)",
+                "random": "per-class permutation from numpy default_rng(map_seed), map_seed = seed … seed+random_seeds−1",
+                "glm": "entry step on the elastic-net path desc λ, then |W| at entry desc, then lower index",
             },
             "k1_not_applicable": selection.K1_NOT_APPLICABLE,
         },
@@ -440,12 +481,14 @@ def print_report(
         print(f"[decompose] {name} (k2={int(r['k2'])}): {100 * r['acc_decomposed']:.2f} %, "
               f"channels used {int(r['channels_used'])}")
     if asummary and psi_median is not None:
-        ess = pd.DataFrame(asummary).set_index("strategy")
+        # the random strategy has one row per map seed: print their mean
+        ess = pd.DataFrame(asummary).drop(columns=["map_seed"]).groupby("strategy", sort=False).mean()
         for c in ("mean_acc_clean", "mean_acc_selected_noise", "mean_acc_others_noise"):
             ess[c] = (ess[c] * 100).round(2)
         ess.columns = [c.replace("mean_acc_", "acc%_") for c in ess.columns]
         print(f"[decompose] essentiality at k = {cfg.analysis_k} (mean per-class accuracy on {cfg.split}; "
-              "noise N(0,1) in the selected / the other features):")
+              f"noise N(0,1) in the selected / the other features; mean of {cfg.noise_seeds} noise draw(s)"
+              f"{f' and {cfg.random_seeds} random maps' if 'random' in cfg.strategies else ''}):")
         print(ess.to_string())
         if np.isfinite(psi_median).any():
             print(f"[decompose] Ψ (q = {cfg.psi_q}) of the penultimate features, median per class: "

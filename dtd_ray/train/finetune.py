@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtd_ray.core import stats
 from dtd_ray.core.heads import DecomposedHead
 from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.models.runtime import Runtime
@@ -172,7 +173,8 @@ def evaluate_backbone(
     are evaluated on the same features in the same pass and reported as ``acc_<name>``
     (e.g. the full head beside the decomposed one). Eval mode (BatchNorm running
     statistics); ``device`` and ``precision`` as in :func:`finetune_epoch`. Returns
-    ``{"acc", "loss", "n", "seconds", "acc_<name>"…}``.
+    ``{"acc", "loss", "n", "seconds", "acc_<name>"…}``, and ``outcomes`` (per instance, sorted by
+    ``sample_id``, as :func:`dtd_ray.core.stats.outcomes_text`) where every row was evaluated.
     """
     rt = _runtime(backbone, device, precision)
     head = backbone.head if head is None else head
@@ -183,6 +185,7 @@ def evaluate_backbone(
     n_all = len(rows["sample_id"])
     loss_sum, correct, n = 0.0, 0, 0
     extra_correct = dict.fromkeys(extra, 0)
+    ok: list[np.ndarray] = []
     for batch in _prepared_batches(
         rows, order=np.arange(n_all), batch_size=batch_size, preprocessing=backbone.preprocessing, augment=None, seed=0
     ):
@@ -193,7 +196,9 @@ def evaluate_backbone(
             f = backbone.forward_features(x).float()
         z = head(f)
         loss_sum += float(F.cross_entropy(z, y, reduction="sum"))
-        correct += int((z.argmax(1) == y).sum())
+        hit = z.argmax(1) == y
+        correct += int(hit.sum())
+        ok.append(hit.cpu().numpy())
         for name, h in extra.items():
             extra_correct[name] += int((h(f).argmax(1) == y).sum())
         n += len(y)
@@ -203,6 +208,9 @@ def evaluate_backbone(
         "n": n,
         "seconds": time.perf_counter() - t0,
     }
+    if n == n_all:  # every row, in row order: the outcomes sorted by sample_id, as every other row's
+        order = np.argsort(np.asarray(rows["sample_id"]), kind="stable")
+        out["outcomes"] = stats.outcomes_text(np.concatenate(ok)[order])
     for name, c in extra_correct.items():
         out[f"acc_{name}"] = percent(c, n)
     return out

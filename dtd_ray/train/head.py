@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtd_ray.core import stats
 from dtd_ray.core.heads import DecomposedHead
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,22 @@ def _check_labels(labels: torch.Tensor, n: int, num_classes: int, what: str) -> 
 def evaluate_head(
     *, head: nn.Module, features: Any, labels: Any, batch_size: int = 8192, device: Any = None
 ) -> dict[str, float]:
-    """Accuracy (percent) and mean cross-entropy of ``head`` on cached features, in chunks
-    (a decomposed head materialises (batch, C, k2): chunking bounds memory for ImageNet heads)."""
+    """Accuracy (percent), mean cross-entropy and per-instance outcomes (text, :func:`stats.outcomes_text`,
+    in input order) of ``head`` on cached features, in chunks (a decomposed head materialises
+    (batch, C, k2): chunking bounds memory for ImageNet heads)."""
     device = torch.device(device) if device is not None else next(head.parameters()).device
     f, y = as_tensor(features, torch.float32), as_tensor(labels).long()
-    correct, loss_sum = 0, 0.0
+    loss_sum = 0.0
+    ok: list[np.ndarray] = []
     for i in range(0, len(f), batch_size):
         fb, yb = f[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         z = head(fb)
-        correct += int((z.argmax(1) == yb).sum())
+        ok.append((z.argmax(1) == yb).cpu().numpy())
         loss_sum += float(F.cross_entropy(z.float(), yb, reduction="sum"))
     n = len(f)
-    return {"acc": percent(correct, n), "loss": loss_sum / n if n else float("nan"), "n": n}
+    outcomes = np.concatenate(ok) if ok else np.zeros(0, dtype=bool)
+    return {"acc": percent(int(outcomes.sum()), n), "loss": loss_sum / n if n else float("nan"), "n": n,
+            "outcomes": stats.outcomes_text(outcomes)}
 
 
 def fit_decomposed_head(
@@ -191,7 +196,7 @@ def fit_decomposed_head(
         head.eval()
         if have_eval:
             ev = evaluate_head(head=head, features=fe, labels=ye, device=device)
-            metrics["acc_eval"], metrics["loss_eval"] = ev["acc"], ev["loss"]
+            metrics["acc_eval"], metrics["loss_eval"], metrics["outcomes"] = ev["acc"], ev["loss"], ev["outcomes"]
         history.append(metrics)
         log.debug("head epoch %d: %s", epoch, metrics)
         if on_epoch is not None:

@@ -90,11 +90,12 @@ class SweepConfig:
     config: str = "quickstart"  # preset name (quickstart, cifar10_resnets, imagenet_resnets) or a YAML file; the options below override it
     name: str | None = None  # sweep name (default: the preset or file name); the default output is runs/<name>
     output: str | None = None  # output root, local path or URI (default runs/<name>, git-ignored); under `ray job submit` use an absolute path or s3://…
+    shared_fs: bool = False  # the local output is on a filesystem every node mounts (NFS); without it a local output on a multi-node cluster is refused
     data_root: str = "../shared/data"  # replaces ${data_root} in datasets and weights
     datasets: tuple[str, ...] = ("fashion-mnist",)  # datasets of every model without its own: imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]
     models: Any = ()  # model entries (see "Model entries"); on the command line a name or a list of names selects entries of the config
     k: Any = "1..10"  # k grid, k1 = k2 = k: a list, "1..10", "1..10,20" or "5..100:5"
-    strategies: tuple[str, ...] = selection.STRATEGIES  # selection strategies: frequency, weight_l1, contribution, random
+    strategies: tuple[str, ...] = selection.DEFAULT_STRATEGIES  # selection strategies: frequency, weight_l1, contribution, random; glm is opt-in
     retrain: Any = field(default_factory=lambda: {"none": {}})  # retrain mode -> options (see "Retrain modes"); flags merge into the config's
     modes: tuple[str, ...] | None = None  # run only these of the configured retrain modes, e.g. none,head (default: all)
     train_split: str = "train"  # split the maps are selected from and heads are retrained on
@@ -106,10 +107,12 @@ class SweepConfig:
     use_gpu: bool | None = None  # None: GPUs when the cluster has some; true: wait for the autoscaler to add a GPU node
     gpu_wait_s: float = 900.0  # with use_gpu true and no GPU yet: seconds to wait for one
     seed: int = 0  # seed of the random strategy, augmentation and training
+    random_seeds: int = 10  # random maps per unit, seeds seed … seed+n−1 (a trial each; the report: mean ± sd)
+    noise_seeds: int = 5  # noise draws of the essentiality test, averaged
     max_failures: int = 1  # retries of a failed trial (from its last checkpoint)
     overwrite: bool = False  # recompute extraction, decomposition and trials even when finished
     dry_run: bool = False  # print the plan (units and trials) and exit without running anything
-    report: bool = True  # write report.md and plots/ into a local output after the trials (jobs/report.py)
+    report: bool = True  # write report.md and plots/ into the output (a local folder or s3://…) after the trials (jobs/report.py)
     verbose: bool = False  # show Ray's and Tune's own INFO output
 
     def __post_init__(self) -> None:

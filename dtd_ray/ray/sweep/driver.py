@@ -6,6 +6,7 @@ cluster; every stage skips what an earlier run finished (see :mod:`dtd_ray.ray.s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from dtd_ray import config as config_lib
+from dtd_ray.core import selection
 from dtd_ray.io import records, schema, storage, tables
 from dtd_ray.ray import cluster
 from dtd_ray.ray.decompose import run_decompose
@@ -31,7 +33,8 @@ def run_extraction(plan: SweepPlan, units: list[Unit], *, use_gpu: bool) -> None
     """Extract every unit's partitions (finished ones are skipped) before any trial starts."""
     for u in units:
         print(f"[sweep] extract {u.key} ({u.model.name} on {u.dataset})", flush=True)
-        run_extract(extract_config(plan, u, use_gpu=use_gpu), plan=plan.extract_checks.get(u.key))
+        ecfg = dataclasses.replace(extract_config(plan, u, use_gpu=use_gpu), shared_fs=plan.cfg.shared_fs)
+        run_extract(ecfg, plan=plan.extract_checks.get(u.key))
 
 
 @dataclass
@@ -42,19 +45,19 @@ class Decomposed:
     maps: Any  # list[ClassMap] or a maps/ DataFrame
     status: str
 
-    def class_map(self, strategy: str, k1: int, k: int) -> np.ndarray:
+    def class_map(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE) -> np.ndarray:
         if isinstance(self.maps, pd.DataFrame):
-            return tables.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k).idx
+            return tables.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k, map_seed=map_seed).idx
         for cm in self.maps:
-            if cm.strategy == strategy and cm.k1 == k1 and cm.k2 >= k:
+            if cm.strategy == strategy and cm.k1 == k1 and cm.k2 >= k and cm.seed == map_seed:
                 return cm.top(k).idx
-        raise ValueError(f"no {strategy} map with k1={k1} and length ≥ {k}")
+        raise ValueError(f"no {strategy} map with k1={k1}, map_seed={map_seed} and length ≥ {k}")
 
-    def eval_row(self, strategy: str, k1: int, k: int) -> dict[str, Any]:
+    def eval_row(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE) -> dict[str, Any]:
         df = self.eval
-        r = df[(df["strategy"] == strategy) & (df["k1"] == k1) & (df["k2"] == k)]
+        r = df[(df["strategy"] == strategy) & (df["k1"] == k1) & (df["k2"] == k) & (df["map_seed"] == map_seed)]
         if r.empty:
-            raise ValueError(f"decompose evaluated no ({strategy}, k1={k1}, k2={k})")
+            raise ValueError(f"decompose evaluated no ({strategy}, k1={k1}, k2={k}, map_seed={map_seed})")
         return r.iloc[0].to_dict()
 
 
@@ -96,7 +99,7 @@ def run_decomposition(plan: SweepPlan, unit: Unit) -> Decomposed:
 def base_row(plan: SweepPlan, unit: Unit, t: TrialSpec, dec: Decomposed) -> dict[str, Any]:
     """The columns of a trial's row known before it runs (decompose's evaluation, in percent)."""
     cfg = plan.cfg
-    ev = dec.eval_row(t.strategy, t.k1, t.k)
+    ev = dec.eval_row(t.strategy, t.k1, t.k, t.map_seed)
     spec = plan.modes[t.mode]
     sel_split = schema.split_key(cfg.train_split, augment=cfg.select_augment, seed=cfg.seed)
     return {
@@ -119,12 +122,15 @@ def base_row(plan: SweepPlan, unit: Unit, t: TrialSpec, dec: Decomposed) -> dict
         "batch_size": None if t.mode == "none" else int(spec.batch_size),
         "weight_decay": None if t.mode == "none" else float(spec.weight_decay or 0.0),
         "seed": int(cfg.seed),
+        "map_seed": int(t.map_seed),
         "n_eval": int(ev["n_instances"]),
         "acc_full": 100.0 * float(ev["acc_full"]),
         "acc_decomposed": 100.0 * float(ev["acc_decomposed"]),
         "head_macs_full": int(ev["head_macs_full"]),
         "head_macs_decomposed": int(ev["head_macs_decomposed"]),
         "channels_used": int(ev["channels_used"]),
+        # mode none: the decomposed head's per-instance outcomes; a retrain trial replaces them by its own
+        "outcomes": ev["outcomes"] if t.mode == "none" else None,
     }
 
 
@@ -171,7 +177,7 @@ def _tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], decs: dict[str, Dec
           units: list[Unit] | None = None) -> list[str]:
     """:func:`~dtd_ray.ray.sweep.tune.run_tune` with each trial's class map and known row from ``decs``."""
     by_key = {u.key: u for u in plan.units}
-    maps = {t.trial_id: decs[t.unit].class_map(t.strategy, t.k1, t.k) for t in todo}
+    maps = {t.trial_id: decs[t.unit].class_map(t.strategy, t.k1, t.k, t.map_seed) for t in todo}
     rows = {t.trial_id: base_row(plan, by_key[t.unit], t, decs[t.unit]) for t in todo}
     return run_tune(plan, mode, todo, maps=maps, rows=rows, use_gpu=use_gpu, units=units)
 
@@ -198,15 +204,17 @@ def save_resolved_config(plan: SweepPlan) -> str:
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One line per (model, strategy, k): acc_full, acc_decomposed and acc_retrained per retrain mode (%)."""
+    """One line per (model, strategy, k): acc_full, acc_decomposed and acc_retrained per retrain mode (%);
+    the random strategy's lines are means over its map seeds."""
     if df.empty:
         return pd.DataFrame(columns=["model", "strategy", "k", "acc_full", "acc_decomposed"])
     d = df.assign(k=df["k2"])
-    base = d.groupby(["model", "strategy", "k"], sort=True)[["acc_full", "acc_decomposed"]].first()
+    keys = ["model", "strategy", "k"]
+    one = d.drop_duplicates(keys + ["map_seed"]) if "map_seed" in d else d.drop_duplicates(keys)
+    base = one.groupby(keys, sort=True)[["acc_full", "acc_decomposed"]].mean()
     modes = [m for m in RETRAIN_MODES if m != "none" and m in set(d["retrain_mode"])]
     for m in modes:
-        s = d[d["retrain_mode"] == m].set_index(["model", "strategy", "k"])["acc_retrained"]
-        base[f"acc_retrained[{m}]"] = s
+        base[f"acc_retrained[{m}]"] = d[d["retrain_mode"] == m].groupby(keys)["acc_retrained"].mean()
     return base.round(2).reset_index()
 
 
@@ -220,6 +228,8 @@ def run_sweep(cfg: SweepConfig, *, plan: SweepPlan | None = None) -> dict[str, A
     t0 = time.perf_counter()
     plan = plan or plan_sweep(cfg)
     print(describe(plan), flush=True)
+    # Up front, before anything is written: records and trial rows are written from every node.
+    cluster.check_output(plan.output, shared_fs=cfg.shared_fs)
     storage.check_writable(plan.output)
     save_resolved_config(plan)
     done = set() if cfg.overwrite else finished_trial_ids(plan.output)
@@ -269,7 +279,7 @@ def run_sweep(cfg: SweepConfig, *, plan: SweepPlan | None = None) -> dict[str, A
     print(f"[sweep] done: ran {sum(ran.values())} trial(s) ({', '.join(f'{m} {n}' for m, n in ran.items())}), "
           f"skipped {skipped}, failed {len(failed)}, {seconds:.1f} s -> {trials_root(plan.output)}", flush=True)
     report = None
-    if cfg.report and "://" not in plan.output and len(df):
+    if cfg.report and len(df):
         grid = sorted(set(int(k) for k in df["k2"]))
         # The report's fixed k: 5 (the paper's headline k and decompose's analysis k) when swept.
         report = make_report(ReportConfig(sweep=plan.output, k=5 if 5 in grid else grid[len(grid) // 2]))["report"]

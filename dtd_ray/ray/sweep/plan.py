@@ -74,6 +74,7 @@ class TrialSpec:
     k: int
     k1: int
     identity: dict[str, Any]  # what trial_id hashes
+    map_seed: int = selection.SEED_NOT_APPLICABLE  # the random map's seed (one trial per seed)
 
 
 @dataclass
@@ -99,7 +100,15 @@ def resolve_output(cfg: SweepConfig) -> str:
     return os.path.abspath(os.path.expanduser(out))
 
 
-def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, strategy: str, k: int) -> dict[str, Any]:
+def map_seeds(cfg: SweepConfig, strategy: str) -> list[int]:
+    """The map seeds of a strategy's trials: ``seed … seed+random_seeds−1`` for random, else the one -1."""
+    if strategy == "random":
+        return [cfg.seed + i for i in range(cfg.random_seeds)]
+    return [selection.SEED_NOT_APPLICABLE]
+
+
+def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, strategy: str, k: int,
+                   map_seed: int = selection.SEED_NOT_APPLICABLE) -> dict[str, Any]:
     """What a trial computes, the dict its ``trial_id`` hashes (changing it changes every committed id)."""
     k1 = selection.K1_NOT_APPLICABLE if strategy in selection.K1_INDEPENDENT else k
     ident: dict[str, Any] = {
@@ -120,6 +129,8 @@ def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, s
         "k2": k,
         "mode": mode,
     }
+    if map_seed != selection.SEED_NOT_APPLICABLE:
+        ident["map_seed"] = int(map_seed)
     if mode != "none":
         ident.update(epochs=int(spec.epochs), lr=float(spec.lr), batch_size=int(spec.batch_size),
                      weight_decay=float(spec.weight_decay or 0.0))
@@ -144,6 +155,8 @@ def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> SweepPlan:
         raise ValueError(f"unknown strategy {bad[0] if bad else '(none)'!r}; valid: {', '.join(selection.STRATEGIES)}")
     if "frequency" in strategies and grid[-1] > cfg.kmax:
         raise ValueError(f"k={grid[-1]} > kmax={cfg.kmax}: frequency maps need k1 ≤ kmax (raise --kmax)")
+    if cfg.random_seeds < 1 or cfg.noise_seeds < 1:
+        raise ValueError(f"random_seeds={cfg.random_seeds} and noise_seeds={cfg.noise_seeds} must be ≥ 1")
     if cfg.train_split == cfg.eval_split:
         raise ValueError(f"train_split and eval_split are both {cfg.train_split!r}")
     models = resolve_models(cfg)
@@ -185,9 +198,10 @@ def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> SweepPlan:
                 continue
             for s in strats:
                 for k in ks:
-                    ident = trial_identity(cfg, u, mode, spec, s, k)
-                    trials.append(TrialSpec(trial_id=config_lib.config_hash(ident), unit=u.key, mode=mode,
-                                            strategy=s, k=k, k1=ident["k1"], identity=ident))
+                    for ms in map_seeds(cfg, s):
+                        ident = trial_identity(cfg, u, mode, spec, s, k, ms)
+                        trials.append(TrialSpec(trial_id=config_lib.config_hash(ident), unit=u.key, mode=mode,
+                                                strategy=s, k=k, k1=ident["k1"], identity=ident, map_seed=ms))
     plan = SweepPlan(cfg=cfg, output=output, grid=grid, units=units, modes=modes, trials=trials)
     if check_inputs:
         _check_inputs(plan)
@@ -256,6 +270,8 @@ def decompose_config(plan: SweepPlan, unit: Unit) -> DecomposeConfig:
         k1=list(grid),
         k2_max=int(grid[-1]),
         seed=cfg.seed,
+        random_seeds=cfg.random_seeds,
+        noise_seeds=cfg.noise_seeds,
         analysis_k=analysis_k,
         print_k=list(grid),
         output=f"{plan.output}/decompose",

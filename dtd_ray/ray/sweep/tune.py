@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from ray import tune
 
+from dtd_ray.core import stats
 from dtd_ray.io import records, schema
 from dtd_ray.models.linear_head import load_head
 from dtd_ray.ray import cluster, trainables
@@ -157,6 +158,7 @@ class RowWriter(tune.Callback):
             acc_decomposed_init=_float(first.get("acc_decomposed_init")),
             acc_retrained=_float(last.get("acc_eval")),
             acc_by_epoch=[float(h["acc_eval"]) for h in hist],
+            outcomes=stats.outcomes_from_text(last["outcomes"]) if last.get("outcomes") else None,
             loss=_float(last.get("loss")),
             seconds=_float(last.get("time_total_s", sum(float(h.get("seconds") or 0) for h in hist))),
             checkpoint=getattr(ckpt, "path", None),
