@@ -57,6 +57,7 @@ class ReportTables:
     headline: pd.DataFrame
     claims: list[Claim]
     findings: list[str]
+    localisation: pd.DataFrame | None  # selected − each alternative on the canvases, where the sweep has them
 
 
 def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
@@ -73,9 +74,10 @@ def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
     psi = {m: float(np.nanmean(ev.psi(m))) for m in ev.instances} if ev is not None else None
     models = model_table(trials, sw.analysis, psi=psi)
     loc, _ = read_localisation(sw.root)
+    diffs = localisation_differences(loc) if not loc.empty else None
     return ReportTables(evidence=ev, models=models, headline=headline_table(trials, models, k=k),
-                        claims=claims_table(trials, models, k=k, evidence=ev,
-                                            localisation=localisation_differences(loc) if not loc.empty else None),
+                        claims=claims_table(trials, models, k=k, evidence=ev, localisation=diffs),
+                        localisation=diffs,
                         findings=findings(trials, models, k=k, evidence=ev))
 
 
@@ -133,7 +135,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
             cams.append(info)
 
     md = render_markdown(cfg, sw=sw, models=models, head=head, facts=facts, plots=plots, cams=cams,
-                         claims=claims_frame(claims), localisation=localisation_section(sw.root))
+                         claims=claims_frame(claims),
+                         localisation=localisation_section(sw.root, differences=rt.localisation))
     path = os.path.join(work, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write(md)

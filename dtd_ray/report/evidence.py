@@ -21,21 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 
 from dtd_ray.core import stats
 from dtd_ray.io import storage
+from dtd_ray.report.tables import read_dir
 
 SCALE = 100.0  # accuracies and their differences in points of %
-
-
-def read_parquet_dir(root: str, rel: str) -> pd.DataFrame:
-    """Every Parquet file under ``root/rel`` as one DataFrame (empty where there is none)."""
-    fs, path = storage.resolve(root.rstrip("/"))
-    path = f"{path}/{rel}"
-    if not storage.exists(fs, path):
-        return pd.DataFrame()
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
 
 
 @dataclass
@@ -52,11 +43,11 @@ class Evidence:
 
     @classmethod
     def read(cls, root: str, trials: pd.DataFrame, *, n_boot: int = stats.N_BOOT, seed: int = 0) -> "Evidence":
-        inst = read_parquet_dir(root, "decompose/instances")
+        inst = read_dir(storage.join(root, "decompose", "instances"))
         by_model = {str(m): d.sort_values("sample_id").reset_index(drop=True) for m, d in inst.groupby("model")} \
             if not inst.empty else {}
-        return cls(trials=trials, instances=by_model, essentiality=read_parquet_dir(root, "decompose/essentiality"),
-                   n_boot=n_boot, seed=seed)
+        ess = read_dir(storage.join(root, "decompose", "essentiality"))
+        return cls(trials=trials, instances=by_model, essentiality=ess, n_boot=n_boot, seed=seed)
 
     # ------------------------------------------------------------------ test sets
 
@@ -149,4 +140,4 @@ def evidence_or_none(root: str, trials: pd.DataFrame) -> Evidence | None:
     return Evidence.read(root, trials)
 
 
-__all__ = ["Evidence", "SCALE", "evidence_or_none", "read_parquet_dir"]
+__all__ = ["Evidence", "SCALE", "evidence_or_none"]

@@ -90,10 +90,12 @@ def localisation_differences(df: pd.DataFrame, *, n_boot: int = stats.N_BOOT, se
     return pd.DataFrame(rows)
 
 
-def localisation_findings(df: pd.DataFrame, *, n_boot: int = stats.N_BOOT, seed: int = 0) -> list[str]:
+def localisation_findings(df: pd.DataFrame, *, n_boot: int = stats.N_BOOT, seed: int = 0,
+                          differences: pd.DataFrame | None = None) -> list[str]:
     """One line per model and alternative X: selected − X for both scores, with the 95 % interval
     and the verdict of "selected localises better than X" (supported / contradicted / not resolved)."""
-    diffs = localisation_differences(df, n_boot=n_boot, seed=seed)
+    # ``differences``: this df's localisation_differences where the caller has them already
+    diffs = localisation_differences(df, n_boot=n_boot, seed=seed) if differences is None else differences
     out = []
     for (model, m), g in diffs.groupby(["model", "method"], sort=False):
         parts = []
@@ -122,7 +124,7 @@ def _interval(v: float, lo: float, hi: float, fmt: str) -> str:
     return stats.Estimate(v, lo, hi).text(fmt)
 
 
-def localisation_section(root: str) -> list[str]:
+def localisation_section(root: str, *, differences: pd.DataFrame | None = None) -> list[str]:
     """Markdown lines of the report's "## Localisation" section, or ``[]`` where ``<root>/localisation/`` holds no rows."""
     df, cfg = read_localisation(root)
     if df.empty:
@@ -166,7 +168,7 @@ def localisation_section(root: str) -> list[str]:
         lambda g: float((g["pred"] == g["label"]).mean() * 100), include_groups=False)
     L.append("On the canvases the models classify " + ", ".join(f"{m} {a:.1f} %" for m, a in acc.items())
              + " of the images correctly (the maps are scored for the true class either way).")
-    facts = localisation_findings(df)
+    facts = localisation_findings(df, differences=differences)
     if facts:
         L += ["", "Selected − each alternative, paired over the images (energy-in-box in its units, pointing in points "
               "of %); the verdict is that of \"selected localises better than X\":", ""]

@@ -34,7 +34,7 @@ class SweepOutput:
     maps_files: dict[str, str]  # model -> maps parquet
 
 
-def _read_dir(path: str) -> pd.DataFrame:
+def read_dir(path: str) -> pd.DataFrame:
     """The Parquet files directly in folder ``path`` (a local path or a URI), one DataFrame."""
     files = storage.list_files(path, suffix=".parquet")
     if not files:
@@ -47,12 +47,12 @@ def read_sweep(root: str) -> SweepOutput:
     """The tables of a sweep's output folder (a local path or a URI such as ``s3://bucket/run``);
     a one-line ``FileNotFoundError`` if it holds no trials. ``maps_files`` are paths or URIs like ``root``."""
     root = root.rstrip("/")
-    trials = _read_dir(storage.join(root, "trials"))
+    trials = read_dir(storage.join(root, "trials"))
     if trials.empty:
         raise FileNotFoundError(f"{root}/trials holds no trial rows: run `python jobs/sweep.py --output {root}` first")
     fs, path = storage.resolve(root)
     config = storage.read_json(fs, f"{path}/sweep_config.json") or {}
-    analysis = _read_dir(storage.join(root, "decompose", "analysis"))
+    analysis = read_dir(storage.join(root, "decompose", "analysis"))
     maps_files = {}
     for f in storage.list_files(storage.join(root, "decompose", "maps"), suffix=".parquet", recursive=True):
         maps_files[f.rsplit("/", 1)[-1][: -len(".parquet")]] = f
