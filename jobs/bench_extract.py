@@ -5,7 +5,7 @@
     python jobs/bench_extract.py prepare --dest runs/bench_device  # data for a GPU box (README, "GPU measurement")
 
 What is measured. Every case runs both sides (the pipeline, the plain loop) on two sizes of the same
-data, a small run (half the images; for the proxy the 10,000-image split) and a full one, ``--repeats``
+data, a small run (half the images; for the proxy the test split) and a full one, ``--repeats``
 times, interleaved and in alternating order, so that drift on a shared machine hits both alike (after
 one untimed run of each side before the first case).
 
@@ -47,8 +47,9 @@ depend on the weights) at 224 px: JPEG decode, shorter side resized to 256 (bili
 centre crop 224, as the ImageNet weights' transforms.
 
 ``proxy``: a CPU proxy for the pipeline's own overhead, so that a regression of its plumbing shows
-without a GPU. Pre-decoded arrays (Fashion-MNIST) through a near-free model, the same work on both
-sides: the pipeline is ``run_extract`` itself (its own planning: the array source, ``prepare_batch``
+without a GPU. Pre-decoded arrays (Fashion-MNIST; both splits repeated ``--proxy_replicas`` times into a
+temporary IDX copy, 50,000 and 300,000 rows by default) through a near-free model at a GPU run's batch
+(1,024), the same work on both sides: the pipeline is ``run_extract`` itself (its own planning: the array source, ``prepare_batch``
 tasks, the model actor pool, ``write_part`` Parquet writes, the commit), and the plain loop runs the
 same three functions (``prepare_batch``, the project's ``FeatureExtractor`` callable, ``write_part``
 every ``rows_per_file`` rows) one after the other in one process. So the ratio measures only what
@@ -117,7 +118,7 @@ class BenchConfig:
     split: str = "test"  # split of <data>/cifar10 to read
     images: int | None = None  # this many of the split's images, evenly over the classes, before replicas (None: 6,000 on the CPU, all on CUDA; 0: all)
     replicas: int = 1  # png and jpeg modes: every image hard-linked this many times into a temporary folder
-    batch_size: int | None = None  # None: 256 on the CPU; 1024 (png, proxy) or 256 (jpeg) on CUDA
+    batch_size: int | None = None  # None: 1024 for proxy; png 1024 on CUDA, 256 on the CPU; jpeg 256
     kmax: int = 64  # ranked top-k per instance, both sides
     workers: int | None = None  # plain loop's DataLoader workers (None: all cores but one)
     jpeg_model: str = "resnet50"  # jpeg mode's model (a torchvision backbone at 224 px; random init)
@@ -125,7 +126,8 @@ class BenchConfig:
     jpeg_quality: int = 90  # JPEG quality of the synthetic images
     jpeg_replicas: int | None = None  # jpeg mode's replicas (None: --replicas)
     proxy_data: str = "fashion-mnist"  # proxy mode's array source: fashion-mnist[:PATH]
-    proxy_splits: tuple[str, ...] = ("test", "train")  # proxy mode's small and full runs (10,000 and 60,000 images)
+    proxy_splits: tuple[str, ...] = ("test", "train")  # proxy mode's small and full runs (10,000 and 60,000 images, before replicas)
+    proxy_replicas: int = 5  # proxy mode: both splits repeated this many times (an IDX copy in --tmp): 50,000 and 300,000 images
     tmp: str | None = None  # where the temporary image folders and records go (None: runs/ here, beside the data's filesystem)
     output: str | None = None  # JSON path (None: results/gpu/bench_extract_<device>.json; '' writes none)
     verbose: bool = False  # print Ray Data's ds.stats() and the pipeline's own progress lines
@@ -146,7 +148,7 @@ class BenchConfig:
             unknown = [m for m in self.models if m not in CKPT]
             if unknown or not self.models:
                 raise ValueError(f"models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(CKPT)}")
-        for name in ("repeats", "replicas", "kmax", "jpeg_images"):
+        for name in ("repeats", "replicas", "kmax", "jpeg_images", "proxy_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.images is not None and self.images < 0:
@@ -209,8 +211,11 @@ def resolve_device(device: str, *, cuda_available: bool) -> str:
 
 
 def default_batch_size(mode: str, device: str) -> int:
-    if device == "cuda":
-        return 256 if mode == "jpeg" else 1024
+    """The model batch of both sides: a GPU run's (1,024; 256 for ResNet-50 at 224 px), and on the CPU
+    256 for the real models. The proxy stands in for a GPU run's plumbing, so it takes the GPU's batch
+    on any device (Ray Data's per-batch cost is part of what it measures, at the batch a GPU run has)."""
+    if mode == "proxy" or (device == "cuda" and mode == "png"):
+        return 1024
     return 256
 
 
@@ -331,6 +336,42 @@ def make_jpeg_folder(items: list[tuple[str, str]], dest: str, *, split: str, cou
         sizes = [_synth_jpeg(j) for j in jobs]
     return {"root": dest, "split": split, "images": count, "mean_bytes": round(statistics.fmean(sizes)),
             "sizes": [f"{w}x{h}" for w, h in JPEG_SIZES]}
+
+
+def _write_idx(path: str, arr: Any, magic: int) -> None:
+    """``arr`` (uint8) as an uncompressed IDX file: the magic number, one big-endian uint32 per dimension, the bytes."""
+    with open(path, "wb") as f:
+        f.write(magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape))
+        f.write(arr.tobytes())
+
+
+def make_proxy_replica(spec: str, dest: str, *, splits: tuple[str, ...], replicas: int) -> str:
+    """A Fashion-MNIST copy in ``dest`` whose ``splits`` hold every image ``replicas`` times (uncompressed
+    IDX files, which the source reads like the .gz ones); returns its spec ``fashion-mnist:<dest>``.
+
+    So that the proxy's full run is long (300,000 images by default) against the fixed costs that the
+    steady rate subtracts, as the png mode's hard-linked replicas are. A split not in ``splits`` gets one
+    blank image (the source wants all four files)."""
+    import numpy as np
+
+    from dtd_ray.data.sources import parse_source
+
+    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    source = parse_source(spec)
+    if source.kind != "fashion-mnist":
+        raise ValueError(f"proxy_replicas > 1 needs a fashion-mnist source, got {spec}")
+    os.makedirs(dest, exist_ok=True)
+    for split, (images_name, labels_name) in names.items():
+        if split in splits:
+            cols = source.read_numpy(split)
+            images = np.tile(cols["image"][..., 0], (replicas, 1, 1))
+            labels = np.tile(cols["label"].astype(np.uint8), replicas)
+        else:
+            images, labels = np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.uint8)
+        _write_idx(os.path.join(dest, images_name), images, 0x803)
+        _write_idx(os.path.join(dest, labels_name), labels, 0x801)
+    return f"fashion-mnist:{dest}"
 
 
 def stage_table(ops: list[tuple[str, list[Any]]], t0: float) -> list[dict[str, Any]]:
@@ -705,7 +746,7 @@ def plain_proxy(*, spec: str, split: str, device: str, batch_size: int, kmax: in
     from dtd_ray.data.transforms import prepare_batch
     from dtd_ray.models.backbones import get_backbone
     from dtd_ray.models.extractor import FeatureExtractor
-    from dtd_ray.ray.extract import write_part
+    from dtd_ray.io.records import write_part
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     cols = parse_source(spec).read_numpy(split)
@@ -852,10 +893,10 @@ def run_case(*, mode: str, model: str, cfg: BenchConfig, device: str, sizes: dic
 
     def one(side: str, size: dict[str, Any], out_dir: str) -> dict[str, Any]:
         if mode == "proxy":
-            ecfg = ExtractConfig(model=TINY, weights=None, dataset=cfg.proxy_data, splits=(size["split"],),
+            ecfg = ExtractConfig(model=TINY, weights=None, dataset=size["source"], splits=(size["split"],),
                                  output=out_dir, kmax=cfg.kmax, batch_size=batch_size, use_gpu=device == "cuda")
             if side == "plain":
-                return plain_proxy(spec=cfg.proxy_data, split=size["split"], device=device, batch_size=batch_size,
+                return plain_proxy(spec=size["source"], split=size["split"], device=device, batch_size=batch_size,
                                    kmax=cfg.kmax, rows_per_file=ecfg.rows_per_file,
                                    out_dir=os.path.join(out_dir, "plain"))
         else:
@@ -1096,10 +1137,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 else:
                     from dtd_ray.data.sources import parse_source
 
-                    source = parse_source(cfg.proxy_data)
-                    sizes = {size: {"source": cfg.proxy_data, "split": split, "images": source.num_rows(split)}
+                    spec = cfg.proxy_data
+                    if cfg.proxy_replicas > 1:
+                        spec = make_proxy_replica(cfg.proxy_data, os.path.join(tmp, "proxy_data"),
+                                                  splits=cfg.proxy_splits, replicas=cfg.proxy_replicas)
+                    source = parse_source(spec)
+                    sizes = {size: {"source": spec, "split": split, "images": source.num_rows(split)}
                              for size, split in zip(("small", "full"), cfg.proxy_splits)}
-                    print(f"[bench] proxy: {cfg.proxy_data} {cfg.proxy_splits[0]} ({sizes['small']['images']:,}) and "
+                    print(f"[bench] proxy: {cfg.proxy_data} x {cfg.proxy_replicas}: {cfg.proxy_splits[0]} "
+                          f"({sizes['small']['images']:,}) and "
                           f"{cfg.proxy_splits[1]} ({sizes['full']['images']:,}), pre-decoded arrays, model {TINY}, "
                           f"batch {bs}; both sides prepare_batch + FeatureExtractor + write_part", flush=True)
                     cases.append(run_case(mode=mode, model=TINY, cfg=cfg, device=device, sizes=sizes, weights=None,

@@ -11,8 +11,9 @@ writes them from the shared CIFAR-10 PNGs. Measures, on the one visible GPU:
 2. images/s of the callable (numpy in, numpy out) and of the bare forward, for
    cifar_resnet20 at batch 2048 and resnet50 at 224 px, batch 256;
 3. the decomposed head on the GPU: module = masked full FC;
-4. one fine-tuning epoch (50k images) of resnet20 through a decomposed head (Adam, lr 1e-4,
-   bf16 autocast, channels_last, random crop + flip on the GPU).
+4. one fine-tuning epoch (50k images) of resnet20 through a decomposed head (Adam, lr 1e-4): the
+   project's own ``finetune_epoch`` against a plain loop with the data resident on the GPU (crop + flip
+   there), in fp16 (with a loss scaler: "auto") and bf16, at batch 128 and 512.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def prepare(shared: str = "../shared/data", data: str = ".devdata") -> None:
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _rate(fn, n_items: int, *, warmup: int = 3, iters: int = 10) -> float:
@@ -113,8 +115,8 @@ def check_throughput(data: str) -> dict:
                     xd = xd.contiguous(memory_format=torch.channels_last)
 
                 def fwd():
-                    with torch.autocast("cuda", dtype=ext.autocast_dtype or torch.bfloat16,
-                                        enabled=ext.autocast_dtype is not None):
+                    with torch.autocast("cuda", dtype=ext.runtime.dtype or torch.bfloat16,
+                                        enabled=ext.runtime.dtype is not None):
                         ext.backbone.forward_features(xd)
 
                 out[f"{key}/bare_forward_img_s"] = _rate(fwd, bs)
@@ -139,54 +141,102 @@ def check_head() -> dict:
     return {"head_max_abs_diff_vs_masked_fc": float((z - ref).abs().max()), "C": C, "m": m, "k2": k2}
 
 
-def time_finetune_epoch(data: str, *, batch_size: int = 128, epoch_images: int = 50_000) -> dict:
-    """One epoch of resnet20 + decomposed head (k=5), Adam lr 1e-4, bf16 autocast, channels_last."""
+def _finetune_setup(data: str, *, device: str = "cuda", seed: int = 0):
+    """resnet20 (the shared checkpoint) on ``device`` with a decomposed head (k=5, a seeded random map) and
+    Adam at the paper's lr 1e-4 over the feature module and the head."""
+    from dtd_ray.core.heads import DecomposedHead
+    from dtd_ray.models.backbones import get_backbone
+
+    torch.manual_seed(seed)
+    bb = get_backbone("cifar_resnet20", weights=os.path.join(data, "resnet20-12fca82f.th"),
+                      normalization="cifar10").to(device)
+    idx = torch.stack([torch.randperm(64)[:5] for _ in range(10)]).to(device)
+    head = DecomposedHead.from_linear(bb.head, idx).to(device)
+    opt = torch.optim.Adam(list(bb.features.parameters()) + list(head.parameters()), lr=1e-4)
+    return bb, head, opt
+
+
+def plain_finetune_epoch(images: torch.Tensor, labels: torch.Tensor, *, models, batch_size: int, steps: int,
+                         dtype: torch.dtype) -> float:
+    """The plain loop an expert writes, as the baseline: every image resident on the GPU, normalisation,
+    4-px pad + random crop + flip there, ``dtype`` autocast (a loss scaler under fp16), channels_last;
+    ``steps`` steps of ``batch_size`` random images; ``models``: :func:`_finetune_setup`'s. Returns the
+    loss of the last step."""
     import torch.nn.functional as F
 
-    from dtd_ray.models.backbones import get_backbone
     from dtd_ray.models.runtime import normalize_images
-    from dtd_ray.core.heads import DecomposedHead
 
-    z = np.load(os.path.join(data, "cifar10_test.npz"))
-    images = torch.from_numpy(z["images"]).cuda()
-    labels = torch.from_numpy(z["labels"]).long().cuda()
-    bb = get_backbone("cifar_resnet20", weights=os.path.join(data, "resnet20-12fca82f.th"),
-                      normalization="cifar10").cuda()
-    idx = torch.stack([torch.randperm(64)[:5] for _ in range(10)]).cuda()
-    head = DecomposedHead.from_linear(bb.head, idx).cuda()
+    bb, head, opt = models
     bb = bb.to(memory_format=torch.channels_last).train()
-    params = list(bb.features.parameters()) + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4)
-    mean = torch.tensor(bb.preprocessing.mean, device="cuda")
-    std = torch.tensor(bb.preprocessing.std, device="cuda")
+    dev = images.device
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    mean = torch.tensor(bb.preprocessing.mean, device=dev)
+    std = torch.tensor(bb.preprocessing.std, device=dev)
     n = len(images)
-
-    def step(sel):
-        x = normalize_images(images[sel], mean=mean, std=std)
-        # random crop (4-px zero pad) + horizontal flip, on the GPU
-        x = F.pad(x, (4, 4, 4, 4))
+    loss = torch.zeros((), device=dev)
+    for _ in range(steps):
+        sel = torch.randint(0, n, (batch_size,), device=dev)
+        x = F.pad(normalize_images(images[sel], mean=mean, std=std), (4, 4, 4, 4))
         i, j = np.random.randint(0, 9, 2)
         x = x[:, :, i:i + 32, j:j + 32]
         if np.random.rand() < 0.5:
             x = x.flip(3)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=dtype):
             loss = F.cross_entropy(head(bb.forward_features(x).float()), labels[sel])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return float(loss.detach())
 
-    for _ in range(5):  # warm-up
-        step(torch.randint(0, n, (batch_size,), device="cuda"))
-    _sync()
-    t0 = time.perf_counter()
-    steps = epoch_images // batch_size
-    for _ in range(steps):
-        step(torch.randint(0, n, (batch_size,), device="cuda"))
-    _sync()
-    dt = time.perf_counter() - t0
-    return {f"finetune_b{batch_size}_epoch_s": dt, f"finetune_b{batch_size}_img_s": steps * batch_size / dt}
+
+def time_finetune(data: str, *, batch_size: int = 128, epoch_images: int = 50_000,
+                  precisions: tuple[str, ...] = ("fp16", "bf16"), device: str = "cuda") -> dict:
+    """One fine-tuning epoch (``epoch_images`` images: CIFAR-10 test repeated) of resnet20 through a
+    decomposed head, timed for the project's own ``dtd_ray.train.finetune.finetune_epoch`` (what the
+    sweep's finetune trials run: prepare + CIFAR augmentation on the CPU in a prefetch thread, the
+    Runtime's device, precision and memory format) and for :func:`plain_finetune_epoch`, per precision:
+    epoch seconds, images/s and the ratio project / plain. "auto" is fp16 (``models.runtime``); bf16 is
+    timed beside it so that the policy rests on a measurement. (``device="cpu"``: the test suite's smoke run.)"""
+    from dtd_ray.train.finetune import finetune_epoch
+
+    z = np.load(os.path.join(data, "cifar10_test.npz"))
+    reps = -(-epoch_images // len(z["labels"]))
+    rows = {"image": np.tile(z["images"], (reps, 1, 1, 1))[:epoch_images],
+            "label": np.tile(z["labels"], reps)[:epoch_images].astype(np.int64),
+            "sample_id": np.arange(epoch_images, dtype=np.int64)}
+    images_gpu = torch.from_numpy(rows["image"]).to(device)
+    labels_gpu = torch.from_numpy(rows["label"]).to(device)
+    warm = {k: v[:4 * batch_size] for k, v in rows.items()}
+    out: dict = {"batch_size": batch_size, "epoch_images": epoch_images}
+    for prec in precisions:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[prec]
+        bb, head, opt = _finetune_setup(data, device=device)
+        finetune_epoch(backbone=bb, head=head, optimizer=opt, rows=warm, epoch=0, batch_size=batch_size,
+                       device=device, precision=prec)
+        _sync()
+        t0 = time.perf_counter()
+        r = finetune_epoch(backbone=bb, head=head, optimizer=opt, rows=rows, epoch=1, batch_size=batch_size,
+                           device=device, precision=prec)
+        _sync()
+        proj_s = time.perf_counter() - t0
+        steps = epoch_images // batch_size
+        models = _finetune_setup(data, device=device)
+        plain_finetune_epoch(images_gpu, labels_gpu, models=models, batch_size=batch_size, steps=5, dtype=dtype)
+        _sync()
+        t0 = time.perf_counter()
+        plain_loss = plain_finetune_epoch(images_gpu, labels_gpu, models=models, batch_size=batch_size, steps=steps,
+                                          dtype=dtype)
+        _sync()
+        plain_s = time.perf_counter() - t0
+        out[prec] = {
+            "project_epoch_s": round(proj_s, 3), "project_img_s": round(r["n"] / proj_s, 1),
+            "project_loss": r["loss"], "project_acc_train": r["acc_train"],
+            "plain_epoch_s": round(plain_s, 3), "plain_img_s": round(steps * batch_size / plain_s, 1),
+            "plain_last_loss": plain_loss, "ratio": round((r["n"] / proj_s) / (steps * batch_size / plain_s), 3),
+        }
+    return out
 
 
 def main(data: str = ".devdata", out: str = "gpu.json") -> dict:
@@ -196,8 +246,8 @@ def main(data: str = ".devdata", out: str = "gpu.json") -> dict:
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for name, fn in (("precision", lambda: check_precision(data)), ("throughput", lambda: check_throughput(data)),
                      ("head", check_head),
-                     ("finetune", lambda: {**time_finetune_epoch(data, batch_size=128),
-                                           **time_finetune_epoch(data, batch_size=512)})):
+                     ("finetune", lambda: {"b128": time_finetune(data, batch_size=128),
+                                           "b512": time_finetune(data, batch_size=512)})):
         t0 = time.perf_counter()
         try:
             res[name] = fn()

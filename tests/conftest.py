@@ -39,10 +39,13 @@ def ray_local():
     """A local Ray instance with 2 CPUs, shared by every test that asks for it."""
     import ray
 
+    from dtd_ray.ray.session import local_system_config
+
     if not ray.is_initialized():
         ray.init(
             address="local",  # never attach to a cluster someone started with `ray start`
             num_cpus=2,
+            _system_config=local_system_config(2),  # the jobs' worker-pool setting
             object_store_memory=1_000_000_000,
             include_dashboard=False,
             log_to_driver=False,

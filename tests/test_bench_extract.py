@@ -176,7 +176,8 @@ def test_device_rule(be):
     assert "\n" not in str(e.value) and "no CUDA device" in str(e.value)
     assert be.default_workers(16) == 15 and be.default_workers(1) == 1
     assert be.default_batch_size("jpeg", "cuda") == 256 and be.default_batch_size("png", "cuda") == 1024
-    assert be.default_batch_size("png", "cpu") == 256
+    assert be.default_batch_size("png", "cpu") == 256 and be.default_batch_size("jpeg", "cpu") == 256
+    assert be.default_batch_size("proxy", "cpu") == 1024 == be.default_batch_size("proxy", "cuda")
     assert be.device_slug("cuda", "NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
     assert be.device_slug("cpu", "whatever") == "cpu"
     assert be.default_output("cpu").endswith(os.path.join("results", "gpu", "bench_extract_cpu.json"))
@@ -351,3 +352,19 @@ def test_prepare_copies_a_balanced_subset_and_the_checkpoints(be, folder, tmp_pa
     assert len(made) == 6 and {c for c, _ in made} == {"cat", "dog", "ship"}
     assert (tmp_path / "dev" / "cifar_resnets" / be.CKPT["cifar_resnet20"]).read_bytes() == b"ckpt"
     assert not any(os.path.samefile(p, folder / c / os.path.basename(p)) for c, p in made)  # copies: they travel
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST (apt dataset-fashion-mnist) not installed")
+def test_proxy_replica_repeats_every_image(be, tmp_path):
+    """--proxy_replicas: an IDX copy that the project's own source reads, each split N times, in order."""
+    from dtd_ray.data.sources import parse_source
+
+    spec = be.make_proxy_replica("fashion-mnist", str(tmp_path / "fm"), splits=("test",), replicas=3)
+    orig = parse_source("fashion-mnist").read_numpy("test")
+    got = parse_source(spec).read_numpy("test")
+    n = len(orig["label"])
+    assert len(got["label"]) == 3 * n and (got["sample_id"] == np.arange(3 * n)).all()
+    for r in range(3):
+        assert (got["image"][r * n:(r + 1) * n] == orig["image"]).all()
+        assert (got["label"][r * n:(r + 1) * n] == orig["label"]).all()
+    assert parse_source(spec).num_rows("train") == 1  # the split not asked for: one blank image

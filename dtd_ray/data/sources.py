@@ -77,11 +77,6 @@ _CIFAR_LAYOUT = {
     },
 }
 
-# Rows per block when to_dataset gets no override_num_blocks. Image folders get fewer
-# rows per block because each row costs a file decode and (for ImageNet) becomes
-# 224*224*3 B = 150 KB of prepared pixels: 512 rows keep a prepare task's output near
-# Ray's 128 MiB target block size. Array rows are cheap and small (CIFAR: 3 KB).
-
 # Preprocessing.interpolation (torchvision's InterpolationMode values) -> PIL resampling
 # filter, as torchvision maps them for PIL images. PIL's filters are antialiased when shrinking.
 

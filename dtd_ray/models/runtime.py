@@ -17,8 +17,8 @@ and normalisation from here, so "auto" means one thing everywhere:
   ``"bf16"`` / ``"fp16"`` autocast to that dtype on any device.
 - **memory format**: channels_last on CUDA (measured faster for convs there), the
   default NCHW on the CPU (not reliably faster there).
-- **inputs**: uint8 NHWC images travel to the device (4× less than float32) and are
-  normalised there: ``x = (u/255 − mean) / std`` per channel.
+- **inputs**: uint8 NHWC images travel to the device (4× less than float32), from page-locked
+  host memory on CUDA, and are normalised there: ``x = (u/255 − mean) / std`` per channel.
 """
 
 from __future__ import annotations
@@ -107,8 +107,16 @@ class Runtime:
     def images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """A uint8 NHWC batch as the network's normalised float input on the device."""
         if isinstance(images, np.ndarray):
-            # Ray Data hands out read-only, zero-copy batches; torch wants a writable array (uint8: a cheap copy).
-            images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+            if self.cuda and images.dtype == np.uint8:
+                # One copy into page-locked host memory (torch's caching host allocator reuses it), so
+                # that the copy to the GPU is a DMA that does not wait on pageable memory, as a
+                # DataLoader with pin_memory=True gives the plain loop.
+                host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
+                host.numpy()[...] = images
+                images = host
+            else:
+                # Ray Data hands out read-only, zero-copy batches; torch wants a writable array (uint8: a cheap copy).
+                images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
         x = normalize_images(images.to(self.device, non_blocking=True), mean=self.mean, std=self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

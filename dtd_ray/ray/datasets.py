@@ -14,16 +14,24 @@ from dtd_ray.data.sources import Source
 
 log = logging.getLogger(__name__)
 
-# Rows per block: image folders carry paths (decoded in the prepare tasks), array sources pixels.
-_DEFAULT_BLOCK_ROWS = {"imagefolder": 512, "array": 2048}
+# Image folders: 512 paths per block. Each row costs a file decode in its prepare task and (for
+# ImageNet) becomes 224*224*3 B = 150 KB of pixels, so 512 rows keep a task's output well under
+# Ray's 128 MiB target block size while giving a GPU node's cores enough tasks.
+_FOLDER_BLOCK_ROWS = 512
+# Array sources: blocks of about 4 MiB of pixels (Fashion-MNIST: 5,350 rows, CIFAR: 1,365). Their
+# prepare step is a copy, so the per-task cost of Ray Data is what a block size trades against;
+# measured with jobs/bench_extract.py's proxy on 2 cores (Fashion-MNIST's 60,000 training images,
+# model batch 1,024, medians of 5), a run took 4.9 s with 30 blocks of 2,000 rows and 4.0 s with
+# 12 blocks (6 blocks: 3.6 s, but then a 10,000-image split is one block, with no overlap of its stages).
+_ARRAY_BLOCK_BYTES = 4 << 20
 
 
 def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | None = None) -> ray.data.Dataset:
     """The rows of ``split`` as a Ray Dataset with the same columns as ``read_numpy``.
 
     The driver cuts the columns into ``override_num_blocks`` contiguous blocks of
-    about equal size (default: 512 rows per block for image folders, 2048 for array
-    sources) and puts each block in the object store once (``ray.data.from_arrow``), so
+    about equal size (default: 512 rows per block for image folders, about 4 MiB of
+    pixels for array sources) and puts each block in the object store once (``ray.data.from_arrow``), so
     a task receives only its own block, never the whole array. Images become a
     fixed-shape tensor column. The result is already materialised: iterating it
     again (another epoch, another model) re-reads nothing from storage.
@@ -32,7 +40,7 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
     n = len(columns["sample_id"])
     if override_num_blocks is not None and override_num_blocks < 1:
         raise ValueError(f"override_num_blocks must be >= 1, got {override_num_blocks}")
-    rows_per_block = _DEFAULT_BLOCK_ROWS["imagefolder" if source.kind == "imagefolder" else "array"]
+    rows_per_block = _FOLDER_BLOCK_ROWS if "path" in columns else _array_block_rows(columns["image"])
     num_blocks = override_num_blocks or max(1, math.ceil(n / rows_per_block))
     num_blocks = max(1, min(num_blocks, n))
     bounds = np.linspace(0, n, num_blocks + 1).round().astype(np.int64)
@@ -42,6 +50,15 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
     ]
     log.debug("%s split %s: %d rows in %d blocks", source.kind, split, n, len(blocks))
     return ray.data.from_arrow(blocks)
+
+
+def _array_block_rows(images: np.ndarray) -> int:
+    """Rows per block of about ``_ARRAY_BLOCK_BYTES`` of pixels (an object column of images: their mean size)."""
+    n = len(images)
+    if not n:
+        return 1
+    row_bytes = images[0].nbytes if images.dtype == object else images.nbytes / n
+    return max(1, int(_ARRAY_BLOCK_BYTES // max(row_bytes, 1)))
 
 
 def _to_block(columns: dict[str, np.ndarray]) -> pa.Table:

@@ -27,7 +27,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 
 from dtd_ray import config as config_lib
@@ -63,7 +62,7 @@ class ExtractConfig:
     augment: str | None = None  # "cifar": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>
     seed: int = 0  # seed of the augmentation (per instance: (seed, sample_id))
     on_bad_input: str = "skip"  # "skip": count undecodable / wrong-size images in the manifest; "fail": stop at the first
-    rows_per_file: int = 16384  # rows per Parquet file (also the granularity of the progress lines)
+    rows_per_file: int = 4096  # rows per Parquet file (also the granularity of the progress lines); small enough that writing overlaps the model
     overwrite: bool = False  # recompute partitions even when finished with the same config
     verbose: bool = False  # show Ray's and Tune's own INFO output
 
@@ -90,32 +89,6 @@ class ExtractConfig:
 
 # Fields that change what a partition holds; the others (resources, batch sizes, paths) do not.
 _CONTENT_FIELDS = ("model", "weights", "normalization", "dataset", "kmax", "augment", "seed")
-
-
-def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, np.ndarray]:
-    """Write the ok rows of one batch to a new Parquet file under ``staging_uri``; return its summary.
-
-    The summary (one row) names the file and carries the skipped rows' ids and reasons, so
-    the driver can account for every input row without reading the data back.
-    """
-    ok = np.asarray(batch["ok"], dtype=bool)
-    rows = {name: np.asarray(batch[name])[ok] for name in schema.RECORDS_SCHEMA.names}
-    name = ""
-    if ok.any():
-        fs, path = storage.resolve(staging_uri)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        storage.write_parquet(fs, f"{path}/{name}", records.records_to_table(rows))
-    skipped = [
-        {"sample_id": int(s), "reason": str(e)}
-        for s, e in zip(np.asarray(batch[schema.SAMPLE_ID])[~ok], np.asarray(batch["error"])[~ok])
-    ]
-    ids = rows[schema.SAMPLE_ID]
-    return {
-        "file": np.array([name], dtype=object),
-        "rows": np.array([int(ok.sum())], dtype=np.int64),
-        "min_id": np.array([int(ids.min()) if len(ids) else -1], dtype=np.int64),
-        "skipped": np.array([json.dumps(skipped)], dtype=object),
-    }
 
 
 # ----------------------------------------------------------------------------- Ray pipeline
@@ -158,7 +131,10 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
         prepare_batch,
         fn_kwargs={"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input},
         batch_format="numpy",
-        batch_size=cfg.batch_size,
+        # One decode task per source block (512 paths, or ~4 MiB of arrays), whatever the model's batch:
+        # the decode rate must not depend on it (a 1,024-image model batch made Ray Data bundle two
+        # blocks per task, half as many tasks to spread over the cores); the model stage re-batches.
+        batch_size=None,
         num_cpus=res.prepare_cpus,
     )
     ds = ds.map_batches(
@@ -183,7 +159,7 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
         batch_format="numpy",
     )
     return ds.map_batches(
-        write_part,
+        records.write_part,
         fn_kwargs={"staging_uri": staging_uri},
         batch_size=cfg.rows_per_file,
         batch_format="numpy",
@@ -430,6 +406,5 @@ __all__ = [
     "check_extract",
     "plan_resources",
     "run_extract",
-    "write_part",
 ]
 

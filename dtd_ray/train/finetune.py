@@ -124,7 +124,11 @@ def finetune_epoch(
     backbone.train()
     head.train()
     t0 = time.perf_counter()
-    loss_sum, correct, n = 0.0, 0, 0
+    # Sums stay on the device until the epoch ends: a float()/int() per step would make the host wait
+    # for the GPU every step, and the next batch's copy could no longer overlap the step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    n = 0
     for batch in _prepared_batches(
         rows, order=order, batch_size=batch_size, preprocessing=backbone.preprocessing, augment=augment, seed=es
     ):
@@ -141,15 +145,16 @@ def finetune_epoch(
         scaler.step(optimizer)
         scaler.update()
         k = len(y)
-        loss_sum += float(loss.detach()) * k
-        correct += int((z.detach().argmax(1) == y).sum())
+        loss_sum += loss.detach().double() * k
+        correct += (z.detach().argmax(1) == y).sum()
         n += k
+    loss_total, correct_total = float(loss_sum), int(correct)  # the epoch's one wait for the device
     seconds = time.perf_counter() - t0
     backbone.eval()
     head.eval()
     return {
-        "loss": loss_sum / n if n else float("nan"),
-        "acc_train": percent(correct, n),
+        "loss": loss_total / n if n else float("nan"),
+        "acc_train": percent(correct_total, n),
         "n": n,
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else float("nan"),
