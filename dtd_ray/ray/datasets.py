@@ -53,7 +53,7 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
 
 
 def _array_block_rows(images: np.ndarray) -> int:
-    """Rows per block of about ``_ARRAY_BLOCK_BYTES`` of pixels (an object column of images: their mean size)."""
+    """Rows per block of about ``_ARRAY_BLOCK_BYTES`` of pixels (an object column of images: by the first image)."""
     n = len(images)
     if not n:
         return 1
