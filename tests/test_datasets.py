@@ -28,7 +28,7 @@ from conftest import CIFAR10_DIR, FASHION_MNIST_DIR
 
 
 def Prep(*, size: int = 8, resize: int | None = None, channels: int = 3) -> SimpleNamespace:
-    """Stands in for dtd_ray.models.backbones.Preprocessing: prepare_batch only reads these attributes.
+    """Stands in for dtd_ray.data.preprocessing.Preprocessing: prepare_batch only reads these attributes.
 
     A SimpleNamespace rather than a class defined here, because Ray workers unpickle the
     fn_kwargs of map_batches and cannot import this test module.

@@ -31,7 +31,7 @@ class _BadInput(Exception):
 
 def _check_preprocessing(preprocessing: Any) -> tuple[int, int | None, int, int]:
     """``(size, resize, channels, PIL resample filter)`` from a duck-typed
-    ``backbones.Preprocessing``, validated; ``interpolation`` is optional (bilinear)."""
+    ``data.preprocessing.Preprocessing``, validated; ``interpolation`` is optional (bilinear)."""
     try:
         size, resize, channels = preprocessing.size, preprocessing.resize, preprocessing.channels
     except AttributeError as e:
