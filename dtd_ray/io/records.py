@@ -80,6 +80,7 @@ def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, n
         "skipped": np.array([json.dumps(skipped)], dtype=object),
     }
 
+
 def table_to_records(table: pa.Table) -> dict[str, np.ndarray]:
     """The inverse of :func:`records_to_table`: 1-D arrays and (N, width) arrays for vector columns."""
     out: dict[str, np.ndarray] = {}

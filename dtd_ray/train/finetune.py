@@ -125,7 +125,8 @@ def finetune_epoch(
     head.train()
     t0 = time.perf_counter()
     # Sums stay on the device until the epoch ends: a float()/int() per step would make the host wait
-    # for the GPU every step, and the next batch's copy could no longer overlap the step.
+    # for the GPU every step. (Under fp16 the loss scaler's step still reads its inf check on the host
+    # once a step; bf16 has no scaler. jobs/bench_gpu.py times both.)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     n = 0
