@@ -149,21 +149,10 @@ _THE_JOBS_WORK = ("MapWorker", "MapBatches", "ImplicitFunc", "_run_trial")
 
 def busy_workers(cl) -> list[tuple[int, str]]:
     """``(pid, title)`` of the cluster's Ray worker processes doing the job's work (a task or an actor)."""
+    from test_reliability import raylet_children
+
     raylets = {n.all_processes["raylet"][0].process.pid for n in [cl.head_node, *cl.worker_nodes]}
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace").strip()
-            with open(f"/proc/{d}/status") as f:
-                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
-        except (OSError, StopIteration, ValueError):
-            continue
-        if ppid in raylets and title.startswith("ray::") and any(s in title for s in _THE_JOBS_WORK):
-            out.append((int(d), title))
-    return out
+    return [(pid, title) for pid, _, title in raylet_children(raylets) if any(s in title for s in _THE_JOBS_WORK)]
 
 
 class Injector(threading.Thread):

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DTD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CIFAR10_DIR = SHARED_DATA / "cifar10"
 CIFAR_RESNETS_DIR = SHARED_DATA / "cifar_resnets"
+CIFAR_ZOO_DIR = SHARED_DATA / "cifar_zoo"
 UPSTREAM_DTD_DIR = SHARED_DATA / "upstream_dtd"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -34,25 +35,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance with 2 CPUs, shared by every test that asks for it."""
+def start_local_ray() -> None:
+    """The test session's local Ray: 2 CPUs, a 1 GB object store, the jobs' worker-pool setting, quiet.
+
+    ``ray_local`` starts it; the multi-node tests start it again after their cluster."""
     import ray
 
     from dtd_ray.ray.session import local_system_config
 
+    ray.init(
+        address="local",  # never attach to a cluster someone started with `ray start`
+        num_cpus=2,
+        _system_config=local_system_config(2),  # the jobs' worker-pool setting
+        object_store_memory=1_000_000_000,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with 2 CPUs (:func:`start_local_ray`), shared by every test that asks for it."""
+    import ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never attach to a cluster someone started with `ray start`
-            num_cpus=2,
-            _system_config=local_system_config(2),  # the jobs' worker-pool setting
-            object_store_memory=1_000_000_000,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+        start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -42,3 +42,27 @@ def test_parse_k_grid_messages_name_the_option():
         parse_k_grid("5..2", name="k1")
     with pytest.raises(ValueError, match=r"^the k grid is empty$"):
         parse_k_grid(None)
+
+
+def test_shares_of_m_round_half_up_and_are_at_least_one():
+    from dtd_ray.core.kgrid import k_of_share, k_shares
+
+    # k = max(1, floor(p·m/100 + 1/2)): the cifar10_zoo preset's widths
+    assert [k_of_share(p, m=64) for p in (1, 2, 5, 10)] == [1, 1, 3, 6]
+    assert [k_of_share(p, m=448) for p in (1, 2, 5, 10)] == [4, 9, 22, 45]
+    assert [k_of_share(p, m=1024) for p in (1, 2, 5, 10)] == [10, 20, 51, 102]
+    assert k_of_share(2.5, m=20) == 1 and k_of_share(7.5, m=20) == 2  # 0.5 and 1.5 round up
+    assert parse_k_grid("1..3,5%,10%", m=480) == [1, 2, 3, 24, 48]
+    assert parse_k_grid([2, "5%"], m=64) == [2, 3]  # a share may land on a count: one k
+    assert k_shares("1..10,20,1%,2.5%") == [1.0, 2.5] and k_shares("1..10") == [] and k_shares(None) == []
+
+
+def test_a_share_needs_m_and_a_valid_percentage():
+    with pytest.raises(ValueError, match=r"^k grid '1\.\.5,5%' has a share of the feature width m \(5%\), "
+                                         r"which resolves only where m is known$"):
+        parse_k_grid("1..5,5%")
+    for bad in ("0%", "101%", "5%%", "%", "-5%"):
+        with pytest.raises(ValueError, match="grid part"):
+            parse_k_grid(bad, m=64)
+    with pytest.raises(ValueError, match=r"^k=102 exceeds the records' kmax=64"):
+        parse_k_grid("10%", m=1024, kmax=64)

@@ -23,10 +23,10 @@ decomposition and the finished trials (their files untouched) and run only the o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,8 +39,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import start_local_ray
 from dtd_ray.io import records
 from dtd_ray.io import schema
+from s3_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 3072  # 6 source blocks of 512 rows for 3 actors: a fault lands while tasks are in flight
@@ -124,33 +126,20 @@ def partition_dir(out: Path, split: str = "test", tag: str = TAG) -> Path:
 # ----------------------------------------------------------------------------- the cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _restart_local_ray() -> None:
-    """The local Ray of conftest's ``ray_local`` (same arguments), for tests that run after this module."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, object_store_memory=1_000_000_000, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Head (1 CPU) + two worker nodes (1 CPU, 1 fake GPU each), the driver connected to the head."""
+@contextlib.contextmanager
+def three_node_cluster(*, worker_gpus: int = 0, drop_env_after: tuple[str, ...] = ()):
+    """Head (1 CPU) + two worker nodes (1 CPU, ``worker_gpus`` fake GPUs each), the driver connected to
+    the head and its state API up; after, the session's local Ray again where one ran before (started
+    without the variables ``drop_env_after`` names, which the cluster's nodes were given)."""
     import ray
     from ray.cluster_utils import Cluster
 
     was_initialized = ray.is_initialized()  # e.g. conftest's session-wide ray_local
     ray.shutdown()
-    port = _free_port()
+    port = free_port()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
-    workers = [c.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    workers = [c.add_node(num_cpus=1, num_gpus=worker_gpus) for _ in range(2)]
     try:
         ray.init(address=c.address, log_to_driver=False, configure_logging=False)
         c.wait_for_nodes()
@@ -162,7 +151,18 @@ def cluster():
         ray.shutdown()
         c.shutdown()
         if was_initialized:
-            _restart_local_ray()
+            saved = {k: os.environ.pop(k) for k in drop_env_after if k in os.environ}
+            try:
+                start_local_ray()
+            finally:
+                os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (1 CPU) + two worker nodes (1 CPU, 1 fake GPU each), the driver connected to the head."""
+    with three_node_cluster(worker_gpus=1) as c:
+        yield c
 
 
 def _wait_for_state_api(address: str, timeout: float = 60) -> None:
@@ -240,6 +240,13 @@ def fe_processes(cl) -> list[SimpleNamespace]:
     through the state API or the GCS actor table: those were seen to list no live
     FeatureExtractor actor during a whole 18-second run, so a fault keyed on them could miss."""
     raylets = {n.all_processes["raylet"][0].process.pid: n for n in cl.workers}
+    return [SimpleNamespace(pid=pid, node=raylets[ppid], node_id=raylets[ppid].node_id, busy=title.endswith(".submit"))
+            for pid, ppid, title in raylet_children(raylets) if FE_TASK in title]
+
+
+def raylet_children(raylets) -> list[tuple[int, int, str]]:
+    """``(pid, parent pid, title)`` of the Ray worker processes (title ``ray::…``) whose parent is one of
+    the ``raylets`` (pids), read from /proc: every node of a ``cluster_utils.Cluster`` is on this machine."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -251,9 +258,8 @@ def fe_processes(cl) -> list[SimpleNamespace]:
                 ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
         except (OSError, StopIteration, ValueError):
             continue  # the process ended meanwhile
-        if title.startswith("ray::") and FE_TASK in title and ppid in raylets:
-            out.append(SimpleNamespace(pid=int(d), node=raylets[ppid], node_id=raylets[ppid].node_id,
-                                       busy=title.endswith(".submit")))
+        if ppid in raylets and title.startswith("ray::"):
+            out.append((int(d), ppid, title))
     return out
 
 

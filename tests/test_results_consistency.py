@@ -35,7 +35,7 @@ def committed(request):
 
 
 def test_there_are_committed_reports():
-    assert {"cifar10_resnets", "quickstart"} <= set(SWEEPS)
+    assert {"cifar10_resnets", "cifar10_zoo", "quickstart"} <= set(SWEEPS)
 
 
 def test_report_quotes_its_tables(committed):
@@ -43,11 +43,19 @@ def test_report_quotes_its_tables(committed):
     assert markdown_table(t.headline) in md, f"results/{name}/report.md: headline differs from the tables"
     if t.claims:
         assert markdown_table(claims_frame(t.claims)) in md, f"results/{name}/report.md: claims differ"
-    for f in t.findings:
+    for f in t.findings + [f for fs in t.families.findings.values() for f in fs]:
         assert f"- {f}" in md, f"results/{name}/report.md lacks the finding: {f[:80]}…"
+    for title, table in t.families.tables.items():
+        assert markdown_table(table) in md, f"results/{name}/report.md: the table of {title!r} differs"
 
 
 def test_readme_quotes_the_committed_results():
     t = _tables("cifar10_resnets")
     assert markdown_table(t.headline) in README, "README's headline table differs from results/cifar10_resnets"
     assert markdown_table(claims_frame(t.claims)) in README, "README's claims table differs from results/cifar10_resnets"
+
+
+def test_readme_quotes_the_zoo_headline():
+    t = _tables("cifar10_zoo")
+    assert markdown_table(t.headline) in README, "README's headline table differs from results/cifar10_zoo"
+    assert t.families.findings, "results/cifar10_zoo has no cross-family view"

@@ -50,10 +50,9 @@ import yaml
 
 from conftest import CIFAR10_DIR, CIFAR_RESNETS_DIR
 from dtd_ray.io import records, schema
-from s3_server import S3Server, free_port
-from test_reliability import (N_IMAGES, TAG, Fault, _restart_local_ray, _wait_for_state_api, fe_tasks,
-                              fe_tasks_by_node, mn_config, mn_data, wait_for_no_fe_processes, write_checkpoint,
-                              write_imagefolder)
+from s3_server import S3Server
+from test_reliability import (N_IMAGES, TAG, Fault, fe_tasks, fe_tasks_by_node, mn_config, mn_data,
+                              three_node_cluster, wait_for_no_fe_processes, write_checkpoint, write_imagefolder)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "dtd"
@@ -88,32 +87,10 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3_cluster(s3):
     """Head + two worker nodes (1 CPU each) started with the store's environment, the driver connected."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    was_initialized = ray.is_initialized()
-    ray.shutdown()
     assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint  # set by s3 before the nodes start: their workers inherit it
-    port = free_port()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
-    workers = [c.add_node(num_cpus=1) for _ in range(2)]
-    try:
-        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
-        c.wait_for_nodes()
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        _wait_for_state_api(f"http://127.0.0.1:{port}")
-        yield SimpleNamespace(cluster=c, workers=workers, state_api=f"http://127.0.0.1:{port}",
-                              head_id=c.head_node.node_id)
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if was_initialized:  # the session's local Ray again, without the store's environment
-            saved = {k: os.environ.pop(k) for k in s3.env if k in os.environ}
-            try:
-                _restart_local_ray()
-            finally:
-                os.environ.update(saved)
+    # after: the session's local Ray again, without the store's environment
+    with three_node_cluster(drop_env_after=tuple(s3.env)) as c:
+        yield c
 
 
 # ----------------------------------------------------------------------------- the data

@@ -102,6 +102,38 @@ def test_presets_ship_and_resolve():
         assert p.trials and p.units
 
 
+def test_zoo_preset_resolves_shares_of_m_per_model():
+    """cifar10_zoo: nine models of four families; k as counts and as shares of each model's width m."""
+    plan = sweep.plan_sweep(sweep.load_config("cifar10_zoo"), check_inputs=False)  # m from the architectures
+    assert len(plan.units) == 9 and set(plan.modes) == {"none", "head"}  # no fine-tuning on CPU
+    counts = list(range(1, 11)) + [20]
+    assert plan.grids["cifar_resnet20"] == plan.grids["cifar_resnet56_proj"] == counts  # m = 64: 1, 1, 3, 6
+    assert plan.grids["cifar_densenet40_k12"] == counts + [22, 45]  # m = 448
+    assert plan.grids["cifar_shufflenet_g3_x0_5"] == counts + [24, 48]  # m = 480
+    assert plan.grids["cifar_shufflenetv2_x0_5"] == counts + [51, 102]  # m = 1024
+    assert plan.grid == sorted(set(counts + [22, 24, 45, 48, 51, 102]))
+    head_k = {u: sorted({t.k for t in plan.trials_of("head", u)}) for u in plan.grids}
+    assert head_k["cifar_resnet20"] == [2, 3, 5, 10] and head_k["cifar_shufflenetv2_x0_5"] == [2, 5, 10, 51]
+    none_k = {t.k for t in plan.trials_of("none", "cifar_densenet40_k12")}
+    assert none_k == set(plan.grids["cifar_densenet40_k12"])
+    assert sweep.plan.decompose_config(plan, plan.units[-1]).k1 == plan.grids[plan.units[-1].key]
+    with pytest.raises(ValueError, match=r"k=102 > kmax=64 \(cifar_shufflenetv2_x0_5\)"):
+        sweep.plan_sweep(sweep.load_config("cifar10_zoo", {"kmax": 64}), check_inputs=False)
+
+
+def test_a_model_entry_may_narrow_the_strategies():
+    cfg = sweep.load_config("cifar10_resnets", {"models": "cifar_resnet20,cifar_resnet56", "k": 5})
+    cfg.models[1] = {**cfg.models[1], "strategies": "frequency,glm,contribution"}
+    plan = sweep.plan_sweep(cfg, check_inputs=False)
+    by_unit = {u: {t.strategy for t in plan.trials_of("none", u)} for u in ("cifar_resnet20", "cifar_resnet56")}
+    assert by_unit["cifar_resnet20"] == set(cfg.strategies)
+    assert by_unit["cifar_resnet56"] == {"frequency", "glm", "contribution"}
+    assert sweep.plan.decompose_config(plan, plan.units[1]).strategies == ("frequency", "contribution", "glm")
+    with pytest.raises(ValueError, match=r"model cifar_resnet56: unknown strategy 'gml'"):
+        cfg.models[1]["strategies"] = ["gml"]
+        sweep.plan_sweep(cfg, check_inputs=False)
+
+
 def test_overrides_select_models_k_modes_and_merge_retrain():
     cfg = sweep.load_config("cifar10_resnets", {
         "models": "cifar_resnet20", "k": 5, "strategies": "frequency,weight_l1", "modes": "none,finetune",
@@ -160,7 +192,7 @@ def test_help_lists_every_option(capsys):
     for cls in (sweep.ModelSpec, sweep.RetrainSpec):
         for f in dataclasses.fields(cls):
             assert f"  {f.name} " in out
-    assert "Presets: cifar10_resnets, imagenet_resnets, quickstart" in out
+    assert "Presets: cifar10_resnets, cifar10_zoo, imagenet_resnets, quickstart" in out
 
 
 def test_cli_flags_override_the_config(tmp_path):
@@ -303,6 +335,9 @@ def test_sweep_end_to_end(swept):
     assert f"| {freq2:.2f} |" in md
     for name in ("accuracy_vs_k", "retraining", "head_cost"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ... and the feature atlas at the report's k (tests/test_atlas.py checks its content)
+    atlas = (out / "atlas" / "index.html").read_text()
+    assert 'id="tiny-c0"' in atlas and "k1 = k2 = 2" in atlas and "## Extraction" in md
 
 
 def test_report_to_another_folder_stands_alone(swept, tmp_path):

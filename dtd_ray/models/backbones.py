@@ -37,6 +37,7 @@ from torch import Tensor, nn
 # The input record lives in the data layer (torch-free): the decode tasks that receive it never import torch.
 from dtd_ray.data.preprocessing import NORMALIZATIONS, Preprocessing
 from dtd_ray.models.checkpoints import load_checkpoint, load_state_dict_file
+from dtd_ray.models import cifar_zoo
 from dtd_ray.models.cifar_resnet import CifarResNet
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class WeightsRecord:
     categories: tuple[str, ...]
     metrics: dict = field(hash=False)
     notes: str = ""
+    license: str = ""  # the licence the weights were published under (SPDX id where there is one)
 
 
 # --------------------------------------------------------------------------- Backbone
@@ -338,6 +340,9 @@ def split_final_linear(
 
 def _default_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """Named stages in forward order; the last is the last conv block before pooling."""
+    named = getattr(model, "stage_names", None)  # the project's own architectures name theirs
+    if named:
+        return {n: model.get_submodule(n) for n in named}
     stages = [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}")]
     if stages:  # ResNet / ResNeXt / Wide-ResNet / CIFAR ResNets
         return {s: getattr(model, s) for s in stages}
@@ -597,6 +602,7 @@ def _register_cifar_resnets() -> None:
                     "akamaster/pytorch_resnet_cifar10 (BSD-2-Clause); trained with ImageNet normalisation; "
                     "accuracies measured on cifar10/test, the CIFAR-stat one with normalization='cifar10'"
                 ),
+                license="BSD-2-Clause",
             )
         register_backbone(
             f"cifar_resnet{depth}",
@@ -605,6 +611,77 @@ def _register_cifar_resnets() -> None:
             description=f"CIFAR ResNet-{depth} (He et al. 2016, option-A shortcuts), 64-d features",
             preprocessing=_cifar_preprocessing,
         )
+
+
+# --------------------------------------------------------------------------- CIFAR-10 zoo
+# Public CIFAR-10 checkpoints of other families (../shared/data/cifar_zoo/README.md): each trained
+# with its own normalisation, which its record carries, so no --normalization is needed.
+_CHENYAOFO = "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/"
+_CHENHANG = "https://github.com/chenhang98/"
+_CHENYAOFO_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+_CHENHANG_NORM = ((0.53129727, 0.5259391, 0.52069134), (0.28938246, 0.28505746, 0.27971658))
+
+
+@dataclass(frozen=True)
+class _ZooModel:
+    builder: Callable[..., nn.Module]
+    url: str
+    sha256: str
+    norm: tuple[tuple[float, ...], tuple[float, ...]]
+    test_acc: float  # % on all 10,000 cifar10/test images through the project's extraction (tests pin it)
+    license: str
+    origin: str
+    description: str
+
+
+_ZOO = {
+    "cifar_resnet20_proj": _ZooModel(
+        lambda *, num_classes=10: cifar_zoo.ProjResNet(3, num_classes=num_classes),
+        _CHENYAOFO + "resnet/cifar10_resnet20-4118986f.pt",
+        "4118986f0df73003d572b0e397f0ac7b3f60af1f31aff3d2da164536e36f6ec8", _CHENYAOFO_NORM, 92.60,
+        "BSD-3-Clause", "chenyaofo/pytorch-cifar-models, release resnet",
+        "CIFAR ResNet-20 with 1x1-conv + BN projection shortcuts, 64-d features"),
+    "cifar_resnet56_proj": _ZooModel(
+        lambda *, num_classes=10: cifar_zoo.ProjResNet(9, num_classes=num_classes),
+        _CHENYAOFO + "resnet/cifar10_resnet56-187c023a.pt",
+        "187c023aee0c9cf3093a682d9447a538cbaf5489f7ae78a7df4edf2246ce380b", _CHENYAOFO_NORM, 94.37,
+        "BSD-3-Clause", "chenyaofo/pytorch-cifar-models, release resnet",
+        "CIFAR ResNet-56 with 1x1-conv + BN projection shortcuts, 64-d features"),
+    "cifar_shufflenetv2_x0_5": _ZooModel(
+        lambda *, num_classes=10: cifar_zoo.shufflenet_v2_cifar(num_classes=num_classes),
+        _CHENYAOFO + "shufflenetv2/cifar10_shufflenetv2_x0_5-1308b4e9.pt",
+        "1308b4e9c4f88656a3b09775c273fc5ffe8fca9c84044123cf3d138c8dec10bd", _CHENYAOFO_NORM, 90.65,
+        "BSD-3-Clause", "chenyaofo/pytorch-cifar-models, release shufflenetv2",
+        "ShuffleNetV2 x0.5 with a CIFAR stem (stride-1 3x3 conv, no max-pool), 1024-d features"),
+    "cifar_densenet40_k12": _ZooModel(
+        lambda *, num_classes=10: cifar_zoo.DenseNetCifar(layers=12, growth=12, num_classes=num_classes),
+        _CHENHANG + "densenet_cifar10_pytorch/raw/65c15a6/bak/weights.pkl",
+        "5d5438139f40ee566d5be28c67c58e663ef336613179ce492f5cd81fe5afde5b", _CHENHANG_NORM, 94.47,
+        "GPL-3.0", "chenhang98/densenet_cifar10_pytorch @65c15a6, bak/weights.pkl",
+        "DenseNet-40, growth 12, no bottleneck or compression, 448-d features"),
+    "cifar_shufflenet_g3_x0_5": _ZooModel(
+        lambda *, num_classes=10: cifar_zoo.ShuffleNetV1(groups=3, width=0.5, num_classes=num_classes),
+        _CHENHANG + "shuffleNet-cifar10/raw/8fa8f82/bak/weights_05g3.pkl",
+        "6fa8e5dbb3813364795de489c05fbaabfc36389ebf7867553e5ae190d2be547d", _CHENHANG_NORM, 92.60,
+        "GPL-3.0", "chenhang98/shuffleNet-cifar10 @8fa8f82, bak/weights_05g3.pkl",
+        "ShuffleNet v1, groups 3, width x0.5, CIFAR stem, 480-d features"),
+}
+
+
+def _register_cifar_zoo() -> None:
+    for name, z in _ZOO.items():
+        mean, std = z.norm
+        record = WeightsRecord(
+            name="cifar10-" + z.origin.split("/")[0],
+            source=z.url,
+            sha256=z.sha256,
+            preprocessing=Preprocessing(mean=mean, std=std, size=32),
+            categories=CIFAR10_CLASSES,
+            metrics={"cifar10_test_acc": z.test_acc},
+            notes=f"{z.origin}; trained with mean {mean} / std {std}; accuracy measured on cifar10/test",
+            license=z.license,
+        )
+        register_backbone(name, builder=z.builder, default_weights=record, description=z.description)
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -660,3 +737,4 @@ def _register_torchvision() -> None:
 
 
 _register_cifar_resnets()
+_register_cifar_zoo()

@@ -23,8 +23,10 @@ folder than the sweep's, the small tables it was made from (trials, analysis, ma
 eval, the resolved config) are copied beside it so that folder stands alone.
 
 Modules: ``tables`` (reading a sweep folder; the tables; markdown tables), ``claims``
-(:func:`findings`), ``plots`` (the matplotlib figures), ``cam`` (activation maps),
-``build`` (:class:`ReportConfig`, :func:`make_report`, the text of report.md).
+(:func:`findings`), ``families`` (the cross-family questions of a sweep whose models differ in
+family or width), ``plots`` (the matplotlib figures), ``cam`` (activation maps),
+``build`` (:class:`ReportConfig`, :func:`make_report`, the text of report.md), ``atlas``
+(the feature atlas: a static web page of each class's filters, their top images and maps).
 """
 
 from dtd_ray.report.build import ReportConfig, make_report

@@ -20,11 +20,12 @@ from dtd_ray.io import storage
 from dtd_ray.report.cam import cam_figure
 from dtd_ray.report.claims import Claim, claims_frame, claims_table, findings
 from dtd_ray.report.evidence import Evidence, evidence_or_none
+from dtd_ray.report.families import FamilyView, family_view
 from dtd_ray.report.localisation import localisation_differences, localisation_section, read_localisation
-from dtd_ray.report.plots import (plot_accuracy_vs_k, plot_gap_vs_depth, plot_head_cost, plot_psi_vs_depth,
-                                  plot_retraining)
-from dtd_ray.report.tables import (MODE_LABELS, SweepOutput, accuracy_by_k, copy_tables, headline_table,
-                                   markdown_table, model_table, read_sweep)
+from dtd_ray.report.plots import (plot_accuracy_vs_k, plot_accuracy_vs_share, plot_gap_vs_depth, plot_head_cost,
+                                  plot_psi_vs_depth, plot_retraining)
+from dtd_ray.report.tables import (EXTRACTION_FILE, MODE_LABELS, SweepOutput, accuracy_by_k, copy_tables,
+                                   extraction_table, headline_table, markdown_table, model_table, read_sweep)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ReportTables:
     claims: list[Claim]
     findings: list[str]
     localisation: pd.DataFrame | None  # selected − each alternative on the canvases, where the sweep has them
+    families: FamilyView  # the cross-family questions, where the models differ in family or width
 
 
 def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
@@ -78,7 +80,8 @@ def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
     return ReportTables(evidence=ev, models=models, headline=headline_table(trials, models, k=k),
                         claims=claims_table(trials, models, k=k, evidence=ev, localisation=diffs),
                         localisation=diffs,
-                        findings=findings(trials, models, k=k, evidence=ev))
+                        findings=findings(trials, models, k=k, evidence=ev),
+                        families=family_view(trials, models, k=k, evidence=ev))
 
 
 def make_report(cfg: ReportConfig) -> dict[str, Any]:
@@ -103,6 +106,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     print(f"[report] {len(trials)} trial rows, {len(models)} model(s) -> {out}", flush=True)
     plot_accuracy_vs_k(trials, models, _p("accuracy_vs_k.png"), evidence=ev)
     plots["Accuracy against k"] = "plots/accuracy_vs_k.png"
+    if models["feature_dim"].nunique() > 1 and plot_accuracy_vs_share(trials, models, _p("accuracy_vs_share.png")):
+        plots["Accuracy against k and k / m, every model"] = "plots/accuracy_vs_share.png"
     if plot_gap_vs_depth(trials, models, _p("gap_vs_depth.png"), k=cfg.k, evidence=ev):
         plots["Gap to the full head against depth"] = "plots/gap_vs_depth.png"
     if plot_psi_vs_depth(models, _p("psi_vs_depth.png"), evidence=ev):
@@ -134,9 +139,14 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                 print(f"[report] no activation maps for {model}: {info.get('reason')}", flush=True)
             cams.append(info)
 
+    extraction = extraction_table(sw.root)
+    with open(os.path.join(work, EXTRACTION_FILE), "w") as f:
+        json.dump({"rows": extraction.to_dict(orient="records")}, f, indent=2)
     md = render_markdown(cfg, sw=sw, models=models, head=head, facts=facts, plots=plots, cams=cams,
+                         extraction=extraction,
                          claims=claims_frame(claims),
-                         localisation=localisation_section(sw.root, differences=rt.localisation))
+                         localisation=localisation_section(sw.root, differences=rt.localisation),
+                         families=rt.families.markdown(markdown_table))
     path = os.path.join(work, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write(md)
@@ -146,7 +156,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                    "cams": cams}, f, indent=2)
     if work != out:  # upload: the plots first, report.md (which links them) last
         storage.copy_tree(os.path.join(work, "plots"), storage.join(out, "plots"))
-        for name in ("report_config.json", "report.md"):
+        for name in ("report_config.json", EXTRACTION_FILE, "report.md"):
             storage.copy_file(os.path.join(work, name), storage.join(out, name))
         shutil.rmtree(work, ignore_errors=True)
         path = storage.join(out, "report.md")
@@ -166,6 +176,8 @@ def render_markdown(
     cams: list[dict[str, Any]],
     claims: pd.DataFrame | None = None,
     localisation: list[str] | None = None,
+    families: list[str] | None = None,
+    extraction: pd.DataFrame | None = None,
 ) -> str:
     """The text of ``report.md``: the headline table, the findings, the tables by k, retraining,
     essentiality and Ψ, head cost, the activation maps' summary and the plots (``title → path``)."""
@@ -198,6 +210,8 @@ def render_markdown(
     L += [f"- {f}" for f in facts] or ["- (too few points)"]
     if localisation:
         L += [""] + list(localisation)
+    if families:
+        L += [""] + list(families)
     L += ["", "## Decomposed accuracy against k (no retraining)", ""]
     acc = accuracy_by_k(trials)
     for s in [s for s in selection.STRATEGIES if s in set(acc["strategy"])]:
@@ -243,6 +257,13 @@ def render_markdown(
                  "costs C·k multiply-adds per instance against C·m for the full head.")
         L.append("")
         L.append(markdown_table(models.set_index("model")[["feature_dim"]].join(hc).reset_index(), floatfmt="{:.0f}"))
+    if extraction is not None and len(extraction):
+        L += ["## Extraction", ""]
+        L.append("Each (model, split) partition of `records/` as its manifest states it: the images, the seconds "
+                 "from the pipeline's start to its commit (a model actor's start-up included), the rate, the "
+                 "actors and whether they ran on a GPU.")
+        L.append("")
+        L.append(markdown_table(extraction.drop(columns=["finished_at"], errors="ignore"), floatfmt="{:.1f}"))
     if cams:
         L += ["## Class-specific activation maps", ""]
         L.append(f"For the first {'correctly classified ' if cfg.cam_correct_only else ''}`{sw.config.get('config', {}).get('eval_split', 'test')}` "

@@ -34,7 +34,7 @@ import pandas as pd
 
 from dtd_ray.core import stats
 from dtd_ray.report.evidence import Evidence
-from dtd_ray.report.tables import MODE_LABELS, accuracy_at, accuracy_by_k
+from dtd_ray.report.tables import MODE_LABELS, accuracy_at, accuracy_by_k, depth_series
 
 NEAR_FULL = 1.0  # points: C1 holds where the retrained k-feature head is within this of the full head
 NO_OUTCOMES = "not resolved (no per-instance outcomes in this sweep)"
@@ -161,9 +161,8 @@ def claims_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int, evidence
                 out.append(Claim("C2 the frequency rule finds them", m,
                                  f"frequency − {what}, decomposed at k = {k} (points)", point, est,
                                  _verdict(est, expect="positive")))
-    for dataset, mdf in models.groupby("dataset", sort=False):
-        mdf = mdf.dropna(subset=["depth"]).sort_values("depth")
-        if len(mdf) < 2 or "frequency" not in strategies:
+    for dataset, mdf in depth_series(models):
+        if "frequency" not in strategies:
             continue
         first, last = mdf.iloc[0], mdf.iloc[-1]
         scope = f"{dataset}: depth {int(first['depth'])} → {int(last['depth'])}"
@@ -221,9 +220,8 @@ def findings(trials: pd.DataFrame, models: pd.DataFrame, *, k: int, evidence: Ev
     M = Measures(trials, models, evidence)
     acc = accuracy_by_k(trials)
     strategies = set(trials["strategy"])
-    for dataset, mdf in models.groupby("dataset", sort=False):
-        mdf = mdf.dropna(subset=["depth"]).sort_values("depth")
-        if len(mdf) < 2 or "frequency" not in strategies:
+    for dataset, mdf in depth_series(models):
+        if "frequency" not in strategies:
             continue
         gaps = [M.diff(r["model"], (None, k, "none"), ("frequency", k, "none")) for _, r in mdf.iterrows()]
         depths = ", ".join(f"{int(d)}: {_fmt(*g)}" for d, g in zip(mdf["depth"], gaps))

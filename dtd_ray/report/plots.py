@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from dtd_ray.core import selection
 from dtd_ray.report.evidence import Evidence
-from dtd_ray.report.tables import accuracy_at, accuracy_by_k
+from dtd_ray.report.tables import accuracy_at, accuracy_by_k, depth_series
 
 # Stable colours per strategy across every plot.
 STRATEGY_COLORS = {"frequency": "tab:blue", "weight_l1": "tab:orange", "contribution": "tab:green",
@@ -115,16 +115,16 @@ def plot_gap_vs_depth(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, 
     its large gap does not flatten the others), and per k for the frequency maps; bars: 95 %
     bootstrap intervals (random: ± sd over its map seeds).
 
-    Returns False (and draws nothing) when no backbone name carries a depth."""
-    m = models.dropna(subset=["depth"])
-    if m.empty:
+    Returns False (and draws nothing) when no series of checkpoints has two depths."""
+    series = depth_series(models)  # one line per series of checkpoints that differ only in depth
+    if not series:
         return False
+    m = pd.concat([md for _, md in series])
     acc = accuracy_by_k(trials)
     fig = figure(11.0, 3.6)
     ax1, ax_r, ax2 = fig.subplots(1, 3)
-    several = m["dataset"].nunique() > 1
-    for dataset, md in m.groupby("dataset", sort=False):
-        md = md.sort_values("depth")
+    several = len(series) > 1
+    for dataset, md in series:
         suffix = f" ({dataset})" if several else ""
         for s in selection.STRATEGIES:
             rows = [acc[(acc["model"] == mr["model"]) & (acc["strategy"] == s) & (acc["k"] == k)] for _, mr in md.iterrows()]
@@ -166,14 +166,14 @@ def plot_gap_vs_depth(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, 
 def plot_psi_vs_depth(models: pd.DataFrame, path: str, *, evidence: Evidence | None = None) -> bool:
     """Ψ against depth per dataset; bars: the 95 % bootstrap interval of the mean over instances
     (``evidence``), else min–max over the per-class medians. False when there is no Ψ with a depth."""
-    m = models.dropna(subset=["depth", "psi_mean"])
-    if m.empty:
+    series = [(label, md) for label, md in depth_series(models.dropna(subset=["psi_mean"]))]
+    if not series:
         return False
+    m = pd.concat([md for _, md in series])
     fig = figure(4.6, 3.6)
     ax = fig.subplots()
     ci = evidence is not None and all(evidence.has(x) for x in m["model"])
-    for dataset, md in m.groupby("dataset", sort=False):
-        md = md.sort_values("depth")
+    for dataset, md in series:
         if ci:
             est = [evidence.estimate(evidence.psi(x), x, scale=1.0) for x in md["model"]]
             err = [[v - e.lo for v, e in zip(md["psi_mean"], est)], [e.hi - v for v, e in zip(md["psi_mean"], est)]]
@@ -243,3 +243,38 @@ def plot_head_cost(trials: pd.DataFrame, models: pd.DataFrame, path: str) -> Non
     ax.grid(alpha=0.3, which="both")
     figure_legend(fig, [ax])
     fig.savefig(path)
+
+
+def plot_accuracy_vs_share(trials: pd.DataFrame, models: pd.DataFrame, path: str, *, strategy: str = "frequency") -> bool:
+    """Decomposed accuracy (``strategy``, no retraining) against k and against k/m, one line per model:
+    the two axes on which models of different widths m may or may not fall onto one curve. Below it,
+    the same as the gap full − decomposed. False where the sweep has no rows of ``strategy``."""
+    acc = accuracy_by_k(trials)
+    acc = acc[acc["strategy"] == strategy]
+    if acc.empty:
+        return False
+    fig = figure(10.5, 7.0)
+    axes = fig.subplots(2, 2, squeeze=False)
+    n = len(models)
+    markers = "osD^v<>ph*"
+    for i, (_, mr) in enumerate(models.iterrows()):
+        d = acc[acc["model"] == mr["model"]].sort_values("k")
+        if d.empty:
+            continue
+        share = 100.0 * d["k"] / float(mr["feature_dim"])
+        label = f"{mr['model']} (m = {int(mr['feature_dim'])})"
+        style = dict(marker=markers[i % len(markers)], ms=3, lw=1.2, color=plt_cmap(i, n), label=label)
+        for row, y in ((0, d["acc_decomposed"]), (1, mr["acc_full"] - d["acc_decomposed"])):
+            axes[row][0].plot(d["k"], y, **style)
+            axes[row][1].plot(share, y, **style)
+    for row, ylabel in ((0, "decomposed test accuracy (%)"), (1, "gap full − decomposed (points)")):
+        for col, xlabel in ((0, "k (features per class)"), (1, "k / m (% of the penultimate width)")):
+            ax = axes[row][col]
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, which="both")
+    figure_legend(fig, [axes[0][0]])
+    fig.suptitle(f"Decomposed head ({strategy}) against k and against k / m, one line per model", fontsize=10)
+    fig.savefig(path)
+    return True

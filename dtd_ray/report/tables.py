@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from dtd_ray.core import selection
-from dtd_ray.io import storage
+from dtd_ray.io import schema, storage
 
 MODE_LABELS = {"none": "decomposed", "head": "head retrained", "finetune": "fine-tuned"}
 
@@ -71,13 +71,71 @@ def copy_tables(src: str, dst: str) -> None:
         storage.copy_file(storage.join(src, "sweep_config.json"), storage.join(dst, "sweep_config.json"))
 
 
+EXTRACTION_FILE = "extraction.json"  # the extraction table kept beside a report whose folder has no records
+
+
+def extraction_table(root: str) -> pd.DataFrame:
+    """One row per extracted (model, split): rows, seconds, images/s, width m, actors and device, from the
+    records' manifests under ``root/records``; else from ``root/extraction.json`` (a report's copy)."""
+    fs, path = storage.resolve(root.rstrip("/"))
+    rows = []
+    if storage.exists(fs, f"{path}/records"):
+        for info in fs.get_file_info(pafs.FileSelector(f"{path}/records", recursive=True)):
+            if info.type != pafs.FileType.File or info.base_name != schema.MANIFEST_NAME:
+                continue
+            man = storage.read_json(fs, info.path) or {}
+            sec = float(man.get("seconds") or 0.0)
+            rows.append({"model": man.get("model"), "split": man.get("split"), "m": man.get("feature_dim"),
+                         "rows": man.get("rows"), "seconds": round(sec, 1),
+                         "images/s": round((man.get("rows") or 0) / sec, 1) if sec else None,
+                         "actors": man.get("num_actors"), "gpu": bool(man.get("use_gpu")),
+                         "finished_at": man.get("finished_at")})
+    else:
+        rows = (storage.read_json(fs, f"{path}/{EXTRACTION_FILE}") or {}).get("rows", [])
+    out = pd.DataFrame(rows)
+    return out.sort_values(["model", "split"]).reset_index(drop=True) if len(out) else out
+
+
 # ----------------------------------------------------------------------------- tables
 
 
 def depth_of(backbone: str) -> int | None:
-    """The depth in a backbone name (``cifar_resnet56`` → 56, ``resnet50`` → 50), else None."""
-    m = re.search(r"resnet(\d+)$", backbone)
+    """The depth in a ResNet or DenseNet name (``cifar_resnet56`` → 56, ``resnet50`` → 50,
+    ``cifar_resnet20_proj`` → 20, ``cifar_densenet40_k12`` → 40), else None."""
+    m = re.search(r"(?:resnet|densenet)(\d+)(?:_|$)", backbone)
     return int(m.group(1)) if m else None
+
+
+# Name fragment -> family, the first that matches (ShuffleNetV2 before ShuffleNet, ResNeXt before ResNet).
+_FAMILIES = (("shufflenetv2", "ShuffleNetV2"), ("shufflenet_v2", "ShuffleNetV2"), ("shufflenet", "ShuffleNet v1"),
+             ("densenet", "DenseNet"), ("resnext", "ResNeXt"), ("wide_resnet", "Wide ResNet"), ("resnet", "ResNet"),
+             ("mobilenet", "MobileNet"), ("efficientnet", "EfficientNet"), ("regnet", "RegNet"),
+             ("convnext", "ConvNeXt"), ("vgg", "VGG"))
+
+
+def family_of(backbone: str) -> str:
+    """The architecture family of a backbone name (``cifar_densenet40_k12`` → DenseNet); the name itself if unknown."""
+    return next((fam for frag, fam in _FAMILIES if frag in backbone), backbone)
+
+
+def series_of(backbone: str) -> str:
+    """The backbone name without its depth: the models of one series differ only in depth
+    (``cifar_resnet20`` and ``cifar_resnet56`` → ``cifar_resnet``; ``cifar_resnet20_proj`` → ``cifar_resnet_proj``)."""
+    d = depth_of(backbone)
+    return backbone if d is None else re.sub(rf"(resnet|densenet){d}(?=_|$)", r"\1", backbone, count=1)
+
+
+def depth_series(models: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``(label, models by depth)`` for each series of ≥ 2 depths on one dataset: the models that differ
+    only in depth (one checkpoint family). The label is the dataset, with the series where it has several."""
+    out = []
+    for dataset, ddf in models.groupby("dataset", sort=False):
+        ddf = ddf.dropna(subset=["depth"])
+        groups = list(ddf.groupby("series", sort=False)) if "series" in ddf else [(None, ddf)]
+        groups = [(s, g.sort_values("depth")) for s, g in groups if g["depth"].nunique() >= 2]
+        for series, g in groups:
+            out.append((dataset if len(groups) == 1 else f"{dataset} {series}", g))
+    return out
 
 
 def accuracy_by_k(trials: pd.DataFrame, *, mode: str = "none", value: str = "acc_decomposed") -> pd.DataFrame:
@@ -118,6 +176,7 @@ def model_table(trials: pd.DataFrame, analysis: pd.DataFrame, *, psi: dict[str, 
         a = analysis[analysis["model"] == model] if not analysis.empty else analysis
         psi = a.drop_duplicates("class")["psi_median"] if not a.empty else pd.Series(dtype=float)
         rows.append({"model": model, "backbone": backbone, "depth": depth_of(backbone),
+                     "family": family_of(backbone), "series": series_of(backbone),
                      "dataset": str(d["dataset"].iloc[0]), "acc_full": float(d["acc_full"].iloc[0]),
                      "feature_dim": m,
                      "psi_mean": float(psi_[model]) if psi_ and model in psi_ else
@@ -126,16 +185,22 @@ def model_table(trials: pd.DataFrame, analysis: pd.DataFrame, *, psi: dict[str, 
                      "psi_max": float(psi.max()) if len(psi) else np.nan})
     out = pd.DataFrame(rows)
     if not out.empty:
-        out = out.sort_values(["dataset", "depth", "model"], na_position="last").reset_index(drop=True)
+        # widths first: a sweep of one family and width keeps its depth order
+        out = out.sort_values(["dataset", "feature_dim", "family", "series", "depth", "model"],
+                              na_position="last").reset_index(drop=True)
     return out
 
 
 def headline_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int) -> pd.DataFrame:
     """Per model at k1 = k2 = k: full, decomposed per strategy, head-retrained and fine-tuned (frequency), Ψ, cost."""
     rows = []
+    mixed = "family" in models and (models["family"].nunique() > 1 or models["feature_dim"].nunique() > 1)
     for _, mr in models.iterrows():
         d = trials[(trials["model"] == mr["model"]) & (trials["k2"] == k)]
-        row: dict[str, Any] = {"model": mr["model"], "depth": mr["depth"], "full": mr["acc_full"]}
+        row: dict[str, Any] = {"model": mr["model"]}
+        if mixed:  # a sweep across families and widths says which is which
+            row.update(family=mr["family"], m=int(mr["feature_dim"]))
+        row.update(depth=mr["depth"], full=mr["acc_full"])
         none = d[d["retrain_mode"] == "none"].groupby("strategy")["acc_decomposed"].mean()  # random: mean over seeds
         for s in selection.STRATEGIES:
             if s in none.index:

@@ -19,7 +19,7 @@ import yaml
 
 from dtd_ray import config as config_lib
 from dtd_ray.core import selection
-from dtd_ray.core.kgrid import parse_k_grid
+from dtd_ray.core.kgrid import k_shares, parse_k_grid
 from dtd_ray.io import storage
 from dtd_ray.models.runtime import PRECISIONS
 from dtd_ray.train import defaults
@@ -35,12 +35,21 @@ class ModelSpec:
     tag: str | None = None  # records partition and `model` column (default: name); unique within a sweep
     datasets: tuple[str, ...] | None = None  # this model's datasets (default: the sweep's datasets)
     batch_size: int | None = None  # extraction batch size (default: the sweep's extract_batch_size)
+    strategies: tuple[str, ...] | None = None  # this model's strategies, a subset of the sweep's (default: all of the sweep's)
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
             self.datasets = (self.datasets,)
         if self.datasets is not None:
             self.datasets = tuple(self.datasets)
+        if isinstance(self.strategies, str):
+            self.strategies = tuple(s for s in self.strategies.split(",") if s)
+        if self.strategies is not None:
+            self.strategies = tuple(self.strategies)
+            bad = [s for s in self.strategies if s not in selection.STRATEGIES]
+            if bad or not self.strategies:
+                raise ValueError(f"model {self.key}: unknown strategy {bad[0] if bad else '(none)'!r}; "
+                                 f"valid: {', '.join(selection.STRATEGIES)}")
 
     @property
     def key(self) -> str:
@@ -49,7 +58,7 @@ class ModelSpec:
 
 @dataclass
 class RetrainSpec:
-    k: Any = None  # k values of this mode, a subset of the sweep's k grid (default: the whole grid)
+    k: Any = None  # k values of this mode (counts or shares of m, "5%"), a subset of the sweep's k grid (default: the whole grid)
     strategies: tuple[str, ...] | None = None  # strategies of this mode (default: all of the sweep's)
     models: tuple[str, ...] | None = None  # model tags of this mode (default: every model of the sweep)
     epochs: int | None = None  # training epochs (default: head 10, finetune 1)
@@ -87,14 +96,14 @@ _MODE_DEFAULTS = {"none": {"epochs": 0}, "head": defaults.HEAD, "finetune": defa
 
 @dataclass
 class SweepConfig:
-    config: str = "quickstart"  # preset name (quickstart, cifar10_resnets, imagenet_resnets) or a YAML file; the options below override it
+    config: str = "quickstart"  # preset name (quickstart, cifar10_resnets, cifar10_zoo, imagenet_resnets) or a YAML file; the options below override it
     name: str | None = None  # sweep name (default: the preset or file name); the default output is runs/<name>
     output: str | None = None  # output root, local path or URI (default runs/<name>, git-ignored); under `ray job submit` use an absolute path or s3://…
     shared_fs: bool = False  # the local output is on a filesystem every node mounts (NFS); without it a local output on a multi-node cluster is refused
     data_root: str = "../shared/data"  # replaces ${data_root} in datasets and weights
     datasets: tuple[str, ...] = ("fashion-mnist",)  # datasets of every model without its own: imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]
     models: Any = ()  # model entries (see "Model entries"); on the command line a name or a list of names selects entries of the config
-    k: Any = "1..10"  # k grid, k1 = k2 = k: a list, "1..10", "1..10,20" or "5..100:5"
+    k: Any = "1..10"  # k grid, k1 = k2 = k: a list, "1..10", "1..10,20", "5..100:5", or shares of the feature width m: "1..10,5%"
     strategies: tuple[str, ...] = selection.DEFAULT_STRATEGIES  # selection strategies: frequency, weight_l1, contribution, random; glm is opt-in
     retrain: Any = field(default_factory=lambda: {"none": {}})  # retrain mode -> options (see "Retrain modes"); flags merge into the config's
     modes: tuple[str, ...] | None = None  # run only these of the configured retrain modes, e.g. none,head (default: all)
@@ -113,6 +122,7 @@ class SweepConfig:
     overwrite: bool = False  # recompute extraction, decomposition and trials even when finished
     dry_run: bool = False  # print the plan (units and trials) and exit without running anything
     report: bool = True  # write report.md and plots/ into the output (a local folder or s3://…) after the trials (jobs/report.py)
+    atlas: bool = True  # write the feature atlas into <output>/atlas after the report, for a local output (jobs/atlas.py)
     verbose: bool = False  # show Ray's and Tune's own INFO output
 
     def __post_init__(self) -> None:
@@ -221,7 +231,9 @@ def load_config(spec: str = "quickstart", overrides: dict[str, Any] | None = Non
         merged["name"] = name
     cfg = SweepConfig(config=spec, **merged)
     resolve_models(cfg)  # fail early on a bad model entry
-    resolve_retrain(cfg, parse_k_grid(cfg.k, name="k"))
+    if not k_shares(cfg.k, name="k"):  # a share of m resolves per model, in the plan
+        parse_k_grid(cfg.k, name="k")
+    resolve_retrain(cfg)
     return cfg
 
 
@@ -263,7 +275,7 @@ def resolve_models(cfg: SweepConfig) -> list[ModelSpec]:
     return specs
 
 
-def resolve_retrain(cfg: SweepConfig, grid: list[int]) -> dict[str, RetrainSpec]:
+def resolve_retrain(cfg: SweepConfig) -> dict[str, RetrainSpec]:
     """The retrain modes to run, each with its options filled from :mod:`dtd_ray.train.defaults`."""
     if not isinstance(cfg.retrain, dict):
         raise ValueError(f"retrain must be a mapping mode -> options, got {cfg.retrain!r}")
@@ -294,8 +306,8 @@ def resolve_retrain(cfg: SweepConfig, grid: list[int]) -> dict[str, RetrainSpec]
             raise ValueError(f"retrain.{mode}.augment must be 'cifar' or 'none', got {spec.augment!r}")
         if spec.precision is not None and spec.precision not in PRECISIONS:
             raise ValueError(f"retrain.{mode}.precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
-        if spec.k is not None:
-            spec.k = parse_k_grid(spec.k, name=f"retrain.{mode}.k")
+        if spec.k is not None and not k_shares(spec.k, name=f"retrain.{mode}.k"):
+            spec.k = parse_k_grid(spec.k, name=f"retrain.{mode}.k")  # else kept: shares of m resolve per model
         bad = [s for s in (spec.strategies or ()) if s not in selection.STRATEGIES]
         if bad:
             raise ValueError(f"retrain.{mode}.strategies: unknown strategy {bad[0]!r}; "

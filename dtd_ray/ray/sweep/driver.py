@@ -27,6 +27,7 @@ from dtd_ray.ray.sweep.plan import SweepPlan, TrialSpec, Unit, decompose_config,
 from dtd_ray.ray.sweep.store import finished_trial_ids, read_trials, timestamp, trials_root, write_trial_row
 from dtd_ray.ray.sweep.tune import run_tune
 from dtd_ray.report import ReportConfig, make_report
+from dtd_ray.report.atlas import AtlasConfig, build_atlas
 
 
 def run_extraction(plan: SweepPlan, units: list[Unit], *, use_gpu: bool) -> None:
@@ -191,6 +192,7 @@ def save_resolved_config(plan: SweepPlan) -> str:
         "resolved": {
             "output": plan.output,
             "k": plan.grid,
+            "k_by_unit": plan.grids,
             "units": [{"key": u.key, "backbone": u.model.name, "weights": u.model.weights,
                        "normalization": u.model.normalization, "dataset": u.dataset,
                        "weights_abs": u.weights_abs, "dataset_abs": u.dataset_abs} for u in plan.units],
@@ -283,6 +285,16 @@ def run_sweep(cfg: SweepConfig, *, plan: SweepPlan | None = None) -> dict[str, A
         grid = sorted(set(int(k) for k in df["k2"]))
         # The report's fixed k: 5 (the paper's headline k and decompose's analysis k) when swept.
         report = make_report(ReportConfig(sweep=plan.output, k=5 if 5 in grid else grid[len(grid) // 2]))["report"]
+    if cfg.atlas and len(df):
+        grid = sorted(set(int(k) for k in df["k2"]))
+        if storage.is_local(plan.output):
+            try:
+                build_atlas(AtlasConfig(sweep=plan.output, k=5 if 5 in grid else grid[len(grid) // 2]))
+            except (ValueError, FileNotFoundError, OSError) as e:  # the trials and the report stand without it
+                print(f"[sweep] warning: atlas not written: {str(e).splitlines()[0]}", flush=True)
+        else:  # the page is a folder of files: built locally, where the reader opens it
+            print(f"[sweep] atlas: the output is not local; build it with "
+                  f"`python jobs/atlas.py --sweep {plan.output} --output <folder>`", flush=True)
     if failed:
         raise RuntimeError(f"{len(failed)} trial(s) failed ({', '.join(failed[:5])}{', …' if len(failed) > 5 else ''}); "
                            f"rerun the same command to retry them (finished trials are kept)")

@@ -13,7 +13,7 @@ from typing import Any
 
 from dtd_ray import config as config_lib
 from dtd_ray.core import selection
-from dtd_ray.core.kgrid import parse_k_grid
+from dtd_ray.core.kgrid import k_shares, parse_k_grid
 from dtd_ray.io import schema
 from dtd_ray.ray.extract import ExtractCheck, ExtractConfig, check_extract
 from dtd_ray.ray.sweep.config import ModelSpec, RetrainSpec, SweepConfig, resolve_models, resolve_retrain, substitute
@@ -83,11 +83,12 @@ class SweepPlan:
 
     cfg: SweepConfig
     output: str  # absolute local path or URI
-    grid: list[int]
+    grid: list[int]  # every k of the sweep (the union of the units' grids)
     units: list[Unit]
     modes: dict[str, RetrainSpec]
     trials: list[TrialSpec]
     extract_checks: dict[str, ExtractCheck] = field(default_factory=dict)  # unit key -> its checked inputs
+    grids: dict[str, list[int]] = field(default_factory=dict)  # unit key -> its k grid (shares of m resolved)
 
     def trials_of(self, mode: str, unit: str | None = None) -> list[TrialSpec]:
         return [t for t in self.trials if t.mode == mode and (unit is None or t.unit == unit)]
@@ -148,23 +149,38 @@ def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> SweepPlan:
     """
     if not cfg.name:
         cfg.name = "sweep"  # built directly rather than by load_config
-    grid = parse_k_grid(cfg.k, name="k")
     strategies = tuple(cfg.strategies)
     bad = [s for s in strategies if s not in selection.STRATEGIES]
     if bad or not strategies:
         raise ValueError(f"unknown strategy {bad[0] if bad else '(none)'!r}; valid: {', '.join(selection.STRATEGIES)}")
-    if "frequency" in strategies and grid[-1] > cfg.kmax:
-        raise ValueError(f"k={grid[-1]} > kmax={cfg.kmax}: frequency maps need k1 ≤ kmax (raise --kmax)")
     if cfg.random_seeds < 1 or cfg.noise_seeds < 1:
         raise ValueError(f"random_seeds={cfg.random_seeds} and noise_seeds={cfg.noise_seeds} must be ≥ 1")
     if cfg.train_split == cfg.eval_split:
         raise ValueError(f"train_split and eval_split are both {cfg.train_split!r}")
     models = resolve_models(cfg)
-    modes = resolve_retrain(cfg, grid)
+    modes = resolve_retrain(cfg)
     if not modes:
         raise ValueError("no retrain mode to run (retrain: is empty or --modes selects none)")
     output = resolve_output(cfg)
+    units = _units(cfg, models)
+    plan = SweepPlan(cfg=cfg, output=output, grid=[], units=units, modes=modes, trials=[])
+    if check_inputs:
+        _check_inputs(plan)  # also gives each unit's feature width, which a share of m needs
+    shares = bool(k_shares(cfg.k, name="k")) or any(k_shares(sp.k, name=f"retrain.{md}.k") for md, sp in modes.items())
+    for u in units:
+        m = _feature_dim(plan, u) if shares else None
+        g = parse_k_grid(cfg.k, name="k" if m is None else f"k (m = {m}, {u.key})", m=m)
+        if "frequency" in strategies and g[-1] > cfg.kmax:
+            raise ValueError(f"k={g[-1]} > kmax={cfg.kmax}{f' ({u.key})' if shares else ''}: "
+                             "frequency maps need k1 ≤ kmax (raise --kmax)")
+        plan.grids[u.key] = g
+    plan.grid = sorted({k for g in plan.grids.values() for k in g})
+    plan.trials = _trials(cfg, plan, models, strategies, shares)
+    return plan
 
+
+def _units(cfg: SweepConfig, models: list[ModelSpec]) -> list[Unit]:
+    """One :class:`Unit` per (model, dataset); tags checked for the partition name and duplicates."""
     units: list[Unit] = []
     for m in models:
         dsets = m.datasets if m.datasets is not None else tuple(
@@ -181,31 +197,53 @@ def plan_sweep(cfg: SweepConfig, *, check_inputs: bool = True) -> SweepPlan:
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise ValueError(f"model tag(s) {', '.join(dup)} appear twice; give the entries distinct `tag:`s")
+    return units
 
+
+def _feature_dim(plan: SweepPlan, unit: Unit) -> int:
+    """The unit's feature width m: from its checked inputs, else from the architecture (random init)."""
+    if unit.key in plan.extract_checks:
+        return int(plan.extract_checks[unit.key].feature_dim)
+    from dtd_ray.models.backbones import get_backbone
+
+    return int(get_backbone(unit.model.name, weights=None).feature_dim)
+
+
+def unit_strategies(cfg: SweepConfig, unit: Unit) -> tuple[str, ...]:
+    """The strategies of one unit: its model entry's (within the sweep's), else the sweep's."""
+    own = unit.model.strategies
+    return tuple(cfg.strategies) if own is None else tuple(s for s in cfg.strategies if s in own)
+
+
+def _trials(cfg: SweepConfig, plan: SweepPlan, models: list[ModelSpec], strategies: tuple[str, ...],
+            shares: bool) -> list[TrialSpec]:
+    """Every (unit, mode, strategy, k, map seed) trial; a mode's k (shares resolved per unit) within the unit's grid."""
     trials: list[TrialSpec] = []
-    for mode, spec in modes.items():
-        ks = grid if spec.k is None else [k for k in spec.k if k in grid]
-        if spec.k is not None and len(ks) < len(spec.k):
-            off = [k for k in spec.k if k not in grid]
-            print(f"[sweep] note: retrain.{mode}.k {off} not in the k grid {grid}: skipped", flush=True)
-        strats = strategies if spec.strategies is None else tuple(s for s in spec.strategies if s in strategies)
-        tags = {m.key for m in models}
+    tags = {m.key for m in models}
+    for mode, spec in plan.modes.items():
+        mode_strats = strategies if spec.strategies is None else tuple(s for s in spec.strategies if s in strategies)
         if spec.models is not None and not set(spec.models) <= tags:
             off = sorted(set(spec.models) - tags)
             print(f"[sweep] note: retrain.{mode}.models {off} not among the sweep's models: skipped", flush=True)
-        for u in units:
+        off_grid: set[int] = set()
+        for u in plan.units:
             if spec.models is not None and u.model.key not in spec.models:
                 continue
+            grid = plan.grids[u.key]
+            strats = tuple(s for s in mode_strats if s in unit_strategies(cfg, u))
+            m = _feature_dim(plan, u) if shares else None
+            wanted = None if spec.k is None else parse_k_grid(spec.k, name=f"retrain.{mode}.k", m=m)
+            ks = grid if wanted is None else [k for k in wanted if k in grid]
+            off_grid.update(k for k in (wanted or ()) if k not in grid)
             for s in strats:
                 for k in ks:
                     for ms in map_seeds(cfg, s):
                         ident = trial_identity(cfg, u, mode, spec, s, k, ms)
                         trials.append(TrialSpec(trial_id=config_lib.config_hash(ident), unit=u.key, mode=mode,
                                                 strategy=s, k=k, k1=ident["k1"], identity=ident, map_seed=ms))
-    plan = SweepPlan(cfg=cfg, output=output, grid=grid, units=units, modes=modes, trials=trials)
-    if check_inputs:
-        _check_inputs(plan)
-    return plan
+        if off_grid:
+            print(f"[sweep] note: retrain.{mode}.k {sorted(off_grid)} not in the k grid {plan.grid}: skipped", flush=True)
+    return trials
 
 
 def _check_inputs(plan: SweepPlan) -> None:
@@ -255,7 +293,7 @@ def extract_config(plan: SweepPlan, unit: Unit, *, use_gpu: bool | None = None) 
 def decompose_config(plan: SweepPlan, unit: Unit) -> DecomposeConfig:
     """The decompose config of one unit: every strategy and every k1 of the grid, k2 ≤ k1."""
     cfg = plan.cfg
-    grid = plan.grid
+    grid = plan.grids[unit.key]
     analysis_k = 5 if 5 in grid else None
     return DecomposeConfig(
         records=f"{plan.output}/records",
@@ -266,7 +304,7 @@ def decompose_config(plan: SweepPlan, unit: Unit) -> DecomposeConfig:
         select_seed=cfg.seed,
         extract_missing=cfg.select_augment is not None,
         correct_only=cfg.correct_only,
-        strategies=tuple(cfg.strategies),
+        strategies=unit_strategies(cfg, unit),
         k1=list(grid),
         k2_max=int(grid[-1]),
         seed=cfg.seed,
@@ -284,8 +322,12 @@ def describe(plan: SweepPlan) -> str:
             f"{','.join(plan.cfg.strategies)} × modes {','.join(plan.modes)} -> {len(plan.trials)} trials; "
             f"output {plan.output}")
     lines = [head]
+    per_unit = len({tuple(g) for g in plan.grids.values()}) > 1
     for u in plan.units:
-        lines.append(f"[sweep]   {u.key}: {u.model.name} weights={u.model.weights} on {u.dataset}")
+        k_text = f" k {plan.grids[u.key]}" if per_unit else ""
+        if u.model.strategies is not None:
+            k_text += f" strategies {','.join(unit_strategies(plan.cfg, u))}"
+        lines.append(f"[sweep]   {u.key}: {u.model.name} weights={u.model.weights} on {u.dataset}{k_text}")
     for mode in plan.modes:
         n = len(plan.trials_of(mode))
         lines.append(f"[sweep]   mode {mode}: {n} trial(s)")
