@@ -111,7 +111,7 @@ def overlap_counts(idx: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- images
 
 
-def _png_or_webp(tiles: list[np.ndarray], path: str) -> None:
+def _save_strip(tiles: list[np.ndarray], path: str) -> None:
     """Tiles (h, w, 3) uint8 side by side, saved losslessly as WebP."""
     from PIL import Image
 
@@ -296,7 +296,7 @@ def _draw_strips(cfg: AtlasConfig, data: _ModelData, unit: dict[str, Any], split
                 heat = a / max(float(a.max()), 1e-8)
             tiles.append(overlay(images[i], heat))
         name = f"{kind}_c{c}_f{feat}.webp"
-        _png_or_webp(tiles, os.path.join(out_dir, name))
+        _save_strip(tiles, os.path.join(out_dir, name))
         data.strips[(kind, c, feat)] = name
 
 
