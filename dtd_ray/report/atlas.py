@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dtd_ray import config as config_lib
-from dtd_ray.core import heads, selection
+from dtd_ray.core import heads, localisation, selection
 from dtd_ray.io import records, schema, storage
 from dtd_ray.io.tables import map_from_table
 from dtd_ray.report.tables import read_sweep
@@ -165,14 +165,6 @@ class _Pixels:
         return np.concatenate(out) if out else np.zeros((0,))
 
 
-def _upsample(a: np.ndarray, size: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.asarray(a, np.float32))[:, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
-
-
 # ----------------------------------------------------------------------------- one model
 
 
@@ -194,18 +186,20 @@ class _ModelData:
     top_own: dict[tuple[int, int], np.ndarray]  # (class, feature) -> sample ids
     strips: dict[tuple[str, int, int], str]  # (row kind, class, feature) -> file name
     notes: list[str]
+    tile: int = 32  # the images' side in pixels, as drawn
 
 
 def _model_data(cfg: AtlasConfig, sw: Any, unit: dict[str, Any], out_dir: str, split: str) -> _ModelData:
     key = unit["key"]
     notes: list[str] = []
     maps = pd.read_parquet(sw.maps_files[key])
-    k1 = cfg.k if cfg.strategy == "frequency" else selection.K1_NOT_APPLICABLE
-    cm = map_from_table(maps, strategy=cfg.strategy, k1=k1, k2=cfg.k)
+    def k1_of(strategy: str) -> int:
+        return selection.K1_NOT_APPLICABLE if strategy in selection.K1_INDEPENDENT else cfg.k
+
+    cm = map_from_table(maps, strategy=cfg.strategy, k1=k1_of(cfg.strategy), k2=cfg.k)
     cmp_idx = None
     if cfg.compare is not None and (maps["strategy"] == cfg.compare).any():
-        ck1 = cfg.k if cfg.compare == "frequency" else selection.K1_NOT_APPLICABLE
-        cmp_idx = map_from_table(maps, strategy=cfg.compare, k1=ck1, k2=cfg.k).idx
+        cmp_idx = map_from_table(maps, strategy=cfg.compare, k1=k1_of(cfg.compare), k2=cfg.k).idx
     elif cfg.compare is not None:
         notes.append(f"no {cfg.compare} map in the sweep: the comparison is left out")
     t = sw.trials
@@ -273,8 +267,7 @@ def _draw_strips(cfg: AtlasConfig, data: _ModelData, unit: dict[str, Any], split
     if pre is None:
         from dtd_ray.data.preprocessing import Preprocessing
 
-        first = px.src.read_numpy(split)
-        h = int(np.asarray(first["image"]).shape[1]) if "image" in first else 32
+        h = int(np.asarray(px.cols["image"]).shape[1]) if "image" in px.cols else 32
         pre = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, size=h)
     uniq = np.unique(np.concatenate([w[3] for w in wanted]))
     try:
@@ -284,17 +277,13 @@ def _draw_strips(cfg: AtlasConfig, data: _ModelData, unit: dict[str, Any], split
         return
     pos = {int(s): i for i, s in enumerate(uniq)}
     maps = px.channel_maps(images) if backbone is not None else None
-    size = images.shape[1]
+    size = data.tile = int(images.shape[1])
     os.makedirs(out_dir, exist_ok=True)
     for kind, c, feat, sids in wanted:
-        tiles = []
-        for s in sids:
-            i = pos[int(s)]
-            heat = None
-            if maps is not None:
-                a = _upsample(maps[i:i + 1, feat], size)[0]
-                heat = a / max(float(a.max()), 1e-8)
-            tiles.append(overlay(images[i], heat))
+        rows = [pos[int(s)] for s in sids]
+        heats = localisation.upsample(maps[rows, feat], size=size) if maps is not None else [None] * len(rows)
+        tiles = [overlay(images[i], None if h is None else h / max(float(h.max()), 1e-8))
+                 for i, h in zip(rows, heats)]
         name = f"{kind}_c{c}_f{feat}.webp"
         _save_strip(tiles, os.path.join(out_dir, name))
         data.strips[(kind, c, feat)] = name
@@ -446,12 +435,7 @@ def build_atlas(cfg: AtlasConfig) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as e:  # no records, no such map: this model only
             left_out.append(f"{key}: {str(e).splitlines()[0]}")
             continue
-        size = 32
-        if d.strips:
-            from PIL import Image
-
-            with Image.open(os.path.join(out, key, next(iter(d.strips.values())))) as im:
-                size = im.height
+        size = d.tile
         left_out += [f"{key}: {n}" for n in d.notes]
         C = d.idx.shape[0]
         sections = [_class_section(cfg, d, c, f"{key}/", size) for c in range(C)]

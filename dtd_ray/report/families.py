@@ -33,7 +33,7 @@ from dtd_ray.core import selection, stats
 from dtd_ray.core.kgrid import k_of_share
 from dtd_ray.report.claims import Measures, _verdict
 from dtd_ray.report.evidence import SCALE, Evidence
-from dtd_ray.report.tables import MODE_LABELS, depth_series
+from dtd_ray.report.tables import MODE_LABELS, depth_series, mixed_models
 
 SHARES = (1.0, 2.0, 5.0, 10.0)  # % of m: the share axis of the count-or-share question
 SAME_WIDTH = 0.10  # models of different families whose widths differ by at most this fraction count as equal width
@@ -41,7 +41,7 @@ SAME_WIDTH = 0.10  # models of different families whose widths differ by at most
 
 def applies(models: pd.DataFrame) -> bool:
     """A sweep gets the cross-family view where its models differ in family or in width."""
-    return len(models) > 1 and (models["family"].nunique() > 1 or models["feature_dim"].nunique() > 1)
+    return mixed_models(models)
 
 
 @dataclass

@@ -191,10 +191,15 @@ def model_table(trials: pd.DataFrame, analysis: pd.DataFrame, *, psi: dict[str, 
     return out
 
 
+def mixed_models(models: pd.DataFrame) -> bool:
+    """Whether a model table's models differ in family or in width m (then the report compares across them)."""
+    return "family" in models and (models["family"].nunique() > 1 or models["feature_dim"].nunique() > 1)
+
+
 def headline_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int) -> pd.DataFrame:
     """Per model at k1 = k2 = k: full, decomposed per strategy, head-retrained and fine-tuned (frequency), Ψ, cost."""
     rows = []
-    mixed = "family" in models and (models["family"].nunique() > 1 or models["feature_dim"].nunique() > 1)
+    mixed = mixed_models(models)
     for _, mr in models.iterrows():
         d = trials[(trials["model"] == mr["model"]) & (trials["k2"] == k)]
         row: dict[str, Any] = {"model": mr["model"]}

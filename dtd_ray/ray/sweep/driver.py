@@ -281,15 +281,15 @@ def run_sweep(cfg: SweepConfig, *, plan: SweepPlan | None = None) -> dict[str, A
     print(f"[sweep] done: ran {sum(ran.values())} trial(s) ({', '.join(f'{m} {n}' for m, n in ran.items())}), "
           f"skipped {skipped}, failed {len(failed)}, {seconds:.1f} s -> {trials_root(plan.output)}", flush=True)
     report = None
+    grid = sorted(set(int(k) for k in df["k2"])) if len(df) else []
+    # The report's and the atlas' fixed k: 5 (the paper's headline k and decompose's analysis k) when swept.
+    fixed_k = (5 if 5 in grid else grid[len(grid) // 2]) if grid else None
     if cfg.report and len(df):
-        grid = sorted(set(int(k) for k in df["k2"]))
-        # The report's fixed k: 5 (the paper's headline k and decompose's analysis k) when swept.
-        report = make_report(ReportConfig(sweep=plan.output, k=5 if 5 in grid else grid[len(grid) // 2]))["report"]
+        report = make_report(ReportConfig(sweep=plan.output, k=fixed_k))["report"]
     if cfg.atlas and len(df):
-        grid = sorted(set(int(k) for k in df["k2"]))
         if storage.is_local(plan.output):
             try:
-                build_atlas(AtlasConfig(sweep=plan.output, k=5 if 5 in grid else grid[len(grid) // 2]))
+                build_atlas(AtlasConfig(sweep=plan.output, k=fixed_k))
             except (ValueError, FileNotFoundError, OSError) as e:  # the trials and the report stand without it
                 print(f"[sweep] warning: atlas not written: {str(e).splitlines()[0]}", flush=True)
         else:  # the page is a folder of files: built locally, where the reader opens it
