@@ -1,3 +1,3 @@
 """dtd-ray: find the class-specific filters of deep CNNs (arXiv 2112.07719) on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

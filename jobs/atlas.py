@@ -11,24 +11,7 @@ one WebP per row of images; it opens from the file system and loads nothing from
 skips it). `--help` lists every option.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.report.atlas import AtlasConfig, build_atlas  # noqa: E402
-
-
-def run(cfg: AtlasConfig) -> None:
-    build_atlas(cfg)
-
+from dtd_ray import cli
 
 if __name__ == "__main__":
-    try:
-        config_lib.run_cli(AtlasConfig, run, summary=__doc__.strip().splitlines()[0])
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main("atlas")  # the same command as `dtd-ray atlas`

@@ -27,39 +27,35 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from typing import Annotated
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from pydantic import Field
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.core import heads  # noqa: E402
-from dtd_ray.io import records
-from dtd_ray.core import counting
-from dtd_ray.stages import reduce as stage_reduce
-from dtd_ray.io import schema
-from dtd_ray.core import selection
-from dtd_ray.io import storage
+from dtd_ray import cli
+from dtd_ray import config as config_lib
+from dtd_ray.config import config_class
+from dtd_ray.core import counting, heads, selection
+from dtd_ray.io import records, schema, storage
 
 
-@dataclass
+@config_class
 class BenchConfig:
-    records: str = "runs/cifar10/records"  # records root with <model>/train and <model>/test ('' = synthetic features)
-    model: str = "cifar_resnet20"  # model partition in the records
-    head: str | None = None  # .npz with weight/bias (default: the backbone named by the records' manifest)
-    kmax: int = 64  # grid: k1 in 1..kmax, k2 in 1..k1 (frequency), k2 in 1..kmax (the other strategies)
-    repeats: int = 3  # timed repetitions of the grid (best is reported)
-    naive_minibatch: int = 128  # batch size of the inference-style naive loop (0 skips it)
-    threads: int = 2  # torch / evaluator threads
-    imagenet: bool = True  # run part 2 (synthetic ImageNet-size reduce)
-    imagenet_dir: str = "/tmp/dtd_bench_imagenet"  # where the synthetic records are written (cached between runs)
-    imagenet_rows: int = 1_281_167  # instances (ImageNet-1k train)
-    imagenet_kmax: int = 100  # top-k stored per instance
-    imagenet_classes: int = 1000
-    imagenet_features: int = 2048
-    output: str | None = None  # write the results as JSON here
+    records: Annotated[str, Field(description="records root with model=<m>/split=train and split=test ('' = synthetic features)")] = "runs/cifar10/records"
+    model: Annotated[str, Field(description="model partition in the records")] = "cifar_resnet20"
+    head: Annotated[str | None, Field(description=".npz with weight/bias (default: the head stored beside the records)")] = None
+    kmax: Annotated[int, Field(description="grid: k1 in 1..kmax, k2 in 1..k1 (frequency), k2 in 1..kmax (the other strategies)")] = 64
+    repeats: Annotated[int, Field(description="timed repetitions of the grid (best is reported)")] = 3
+    naive_minibatch: Annotated[int, Field(description="batch size of the inference-style naive loop (0 skips it)")] = 128
+    threads: Annotated[int, Field(description="torch / evaluator threads")] = 2
+    imagenet: Annotated[bool, Field(description="run part 2 (synthetic ImageNet-size reduce)")] = True
+    imagenet_dir: Annotated[str, Field(description="where the synthetic records are written (cached between runs)")] = "/tmp/dtd_bench_imagenet"
+    imagenet_rows: Annotated[int, Field(description="instances (ImageNet-1k train)")] = 1_281_167
+    imagenet_kmax: Annotated[int, Field(description="top-k stored per instance")] = 100
+    imagenet_classes: Annotated[int, Field(description="classes of the synthetic records")] = 1000
+    imagenet_features: Annotated[int, Field(description="feature width of the synthetic records")] = 2048
+    output: Annotated[str | None, Field(description="write the results as JSON here")] = None
 
 
 # --------------------------------------------------------------------------- part 1
@@ -71,7 +67,7 @@ def cifar_inputs(cfg: BenchConfig) -> dict:
         from dtd_ray.models.linear_head import load_head
 
         man = records.read_manifest(cfg.records, model=cfg.model, split="train")
-        w, b, source = load_head(manifest=man, head=cfg.head)
+        w, b, source = load_head(root=cfg.records, manifest=man, head=cfg.head)
         tr = records.load_records(cfg.records, model=cfg.model, split="train")
         te = records.load_records(cfg.records, model=cfg.model, split="test", columns=[schema.LABEL, schema.FEATURES])
         return {"source": f"records {cfg.records} ({source})", "train": tr, "test_f": te[schema.FEATURES],
@@ -287,11 +283,9 @@ def write_synthetic_imagenet(cfg: BenchConfig) -> str:
 
 
 _CHILD = r"""
-import json, resource, sys, time
-sys.path.insert(0, {repo!r})
-from dtd_ray.core import counting
-from dtd_ray.stages import reduce as stage_reduce
+import json, resource, time
 from dtd_ray.core import selection
+from dtd_ray.stages import reduce as stage_reduce
 import numpy as np
 t0 = time.perf_counter()
 ft = stage_reduce.reduce_partition({root!r}, model="synthetic", split="train", k1_grid="1..{kmax}")
@@ -307,8 +301,7 @@ print(json.dumps({{"reduce_s": t1 - t0, "select_s": t2 - t1, "peak_rss_bytes": r
 
 def bench_imagenet(cfg: BenchConfig) -> dict:
     root = write_synthetic_imagenet(cfg)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = _CHILD.format(repo=repo, root=root, kmax=cfg.imagenet_kmax)
+    code = _CHILD.format(root=root, kmax=cfg.imagenet_kmax)
     # a fresh process, so the peak RSS is the reduce's own (not the generator's or part 1's)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -336,8 +329,4 @@ def run(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        config_lib.run_cli(BenchConfig, lambda cfg: run(cfg) and None, summary=__doc__.strip().splitlines()[0])
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main(cli.Command(summary=__doc__.strip().splitlines()[0], config=BenchConfig, run=lambda cfg: run(cfg) and None))

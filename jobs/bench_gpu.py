@@ -21,19 +21,33 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dtd_ray import cli
+from dtd_ray.config import config_class
+from dtd_ray.models.extractor import FeatureExtractor
 
-from dtd_ray.models.extractor import FeatureExtractor  # noqa: E402
+
+@config_class
+class PrepareConfig:
+    shared: Annotated[str, Field(description="the shared data folder (cifar10/test PNGs, cifar_resnets/)")] = "../shared/data"
+    data: Annotated[str, Field(description="where cifar10_test.npz and the checkpoint go (git-ignored)")] = ".devdata"
 
 
-def prepare(shared: str = "../shared/data", data: str = ".devdata") -> None:
-    """Write cifar10_test.npz and copy the resnet20 checkpoint into ``data`` (git-ignored)."""
+@config_class
+class GpuConfig:
+    data: Annotated[str, Field(description="the folder `prepare` wrote")] = ".devdata"
+    out: Annotated[str, Field(description="the JSON of the figures")] = "gpu.json"
+
+
+def prepare(cfg: PrepareConfig) -> None:
+    """Write cifar10_test.npz and copy the resnet20 checkpoint into ``cfg.data`` (git-ignored)."""
+    shared, data = cfg.shared, cfg.data
     import shutil
 
     from PIL import Image
@@ -239,9 +253,10 @@ def time_finetune(data: str, *, batch_size: int = 128, epoch_images: int = 50_00
     return out
 
 
-def main(data: str = ".devdata", out: str = "gpu.json") -> dict:
+def run(cfg: GpuConfig) -> dict:
+    data, out = cfg.data, cfg.out
     if not torch.cuda.is_available():
-        sys.exit("error: no CUDA device visible")
+        raise RuntimeError("no CUDA device visible")
     torch.backends.cudnn.benchmark = True
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for name, fn in (("precision", lambda: check_precision(data)), ("throughput", lambda: check_throughput(data)),
@@ -260,7 +275,7 @@ def main(data: str = ".devdata", out: str = "gpu.json") -> dict:
 
 
 if __name__ == "__main__":
-    # The GPU box has torch but not necessarily fire: accept --key=value by hand.
-    args = sys.argv[1:]
-    fn = prepare if args[:1] == ["prepare"] else main
-    fn(**dict(a.lstrip("-").split("=", 1) for a in args if a != "prepare"))
+    # On the GPU box, `. .devray/on-device.sh` brings fire and pydantic (README, "GPU measurement").
+    summary = __doc__.strip().splitlines()[0]
+    cli.main({None: cli.Command(summary=summary, config=GpuConfig, run=run),
+              "prepare": cli.Command(summary="Write the GPU check's data folder.", config=PrepareConfig, run=prepare)})

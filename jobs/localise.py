@@ -11,25 +11,7 @@ localise_config.json. `python jobs/report.py` then summarises them with interval
 No Ray needed. `--help` lists every option.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.report.localise import LocaliseConfig, run_localise  # noqa: E402
-
-
-def run(cfg: LocaliseConfig) -> None:
-    run_localise(cfg)  # returns what it wrote for library callers; the command prints its own progress
-
+from dtd_ray import cli
 
 if __name__ == "__main__":
-    try:
-        config_lib.run_cli(LocaliseConfig, run, summary=__doc__.strip().splitlines()[0])
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # A user's mistake gets one line, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main("localise")  # the same command as `dtd-ray localise`

@@ -11,25 +11,7 @@ reason where they are missing). No Ray needed. `jobs/sweep.py` runs it at the en
 every sweep with a local output. `--help` lists every option.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dtd_ray import config as config_lib  # noqa: E402
-from dtd_ray.report import ReportConfig, make_report  # noqa: E402
-
-
-def run(cfg: ReportConfig) -> None:
-    make_report(cfg)  # returns tables for library callers; the command prints its own progress
-
+from dtd_ray import cli
 
 if __name__ == "__main__":
-    try:
-        config_lib.run_cli(ReportConfig, run, summary=__doc__.strip().splitlines()[0])
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # A user's mistake gets one line, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main("report")  # the same command as `dtd-ray report`

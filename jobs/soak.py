@@ -1,7 +1,9 @@
 """Fault soak: a small sweep on a 3-node Ray cluster against an S3 server, run again and again with random faults.
 
-    python jobs/soak.py --runs 5 --seed 0          # about 1.5 min per run on 2 cores
-    python jobs/soak.py --runs 2 --seed 1 --keep   # keep the work folder (logs of every run)
+    python -m jobs.soak --runs 5 --seed 0          # from the project folder
+    python -m jobs.soak --runs 2 --seed 1 --keep   # keep the work folder (logs of every run)
+
+(``-m`` from the project folder: the soak uses the tests' S3 server and test data, ``tests.*``.)
 
 Everything runs on this machine: the S3 server of the tests (``tests/s3_server.py``: moto's
 standalone server in a subprocess on 127.0.0.1, behind an endpoint that can be stopped), a
@@ -25,12 +27,11 @@ A run that ends with an error is rerun once, without a fault. Then its ``trials/
 ``records/`` must equal the clean run's: every trial row, with the same trial ids, every
 column but timing and location (``seconds``, ``finished_at``, ``checkpoint``, and any column
 naming the run's output), and every record bit for bit. Prints one line per run and, last,
-a JSON summary; exits 1 if any run differs.
+a JSON summary; exits 2 with one ``error:`` line if any run differs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -42,10 +43,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from dtd_ray import cli
+from dtd_ray.config import config_class
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the S3 server and the test data of the tests
 
 FAULTS = ("actor_kill", "node_removal", "driver_kill", "store_down")
 BUCKET = "soak"
@@ -149,7 +154,7 @@ _THE_JOBS_WORK = ("MapWorker", "MapBatches", "ImplicitFunc", "_run_trial")
 
 def busy_workers(cl) -> list[tuple[int, str]]:
     """``(pid, title)`` of the cluster's Ray worker processes doing the job's work (a task or an actor)."""
-    from test_reliability import raylet_children
+    from tests.test_reliability import raylet_children
 
     raylets = {n.all_processes["raylet"][0].process.pid for n in [cl.head_node, *cl.worker_nodes]}
     return [(pid, title) for pid, _, title in raylet_children(raylets) if any(s in title for s in _THE_JOBS_WORK)]
@@ -207,21 +212,22 @@ class Injector(threading.Thread):
 # ----------------------------------------------------------------------------- the soak
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5, help="faulted runs after the clean one")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the faults' kinds, points and victims")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder (the runs' logs)")
-    args = ap.parse_args()
-    if args.runs < 1:
-        ap.error("--runs must be >= 1")
+@config_class
+class SoakConfig:
+    runs: Annotated[int, Field(ge=1, description="faulted runs after the clean one")] = 5
+    seed: Annotated[int, Field(description="seed of the faults' kinds, points and victims")] = 0
+    keep: Annotated[bool, Field(description="keep the work folder (the runs' logs)")] = False
+
+
+def soak(args: SoakConfig) -> None:
+    """The soak; a run that differs from the clean one (or a clean run that fails) is an error (exit 2)."""
     rng = random.Random(args.seed)
 
     import ray
     from ray.cluster_utils import Cluster
 
-    from s3_server import S3Server
-    from test_reliability import write_checkpoint, write_imagefolder
+    from tests.s3_server import S3Server
+    from tests.test_reliability import write_checkpoint, write_imagefolder
 
     work = Path(tempfile.mkdtemp(prefix="dtd-soak-"))
     t_start = time.monotonic()
@@ -260,8 +266,8 @@ def main() -> int:
         rc = finish(sweep(f"s3://{BUCKET}/clean", work / "clean.log"))
         clean_s = time.monotonic() - t0
         if rc != 0:
-            print(f"clean run failed (exit {rc}):\n{(work / 'clean.log').read_text()[-3000:]}", flush=True)
-            return 1
+            print((work / "clean.log").read_text()[-3000:], flush=True)
+            raise RuntimeError(f"the clean run failed (exit {rc}); its log's end is above")
         clean = read_run(f"s3://{BUCKET}/clean")
         clean_lines = len((work / "clean.log").read_bytes().splitlines())
         print(f"[soak] clean run: {len(clean['trials'])} trials, "
@@ -315,8 +321,9 @@ def main() -> int:
                "injected": sum(r["injected"] for r in results), "seed": args.seed,
                "seconds": round(time.monotonic() - t_start, 1), "results": results}
     print(json.dumps(summary), flush=True)
-    return 0 if equal == len(results) == args.runs else 1
+    if not equal == len(results) == args.runs:
+        raise RuntimeError(f"{len(results) - equal} of {len(results)} faulted run(s) differ from the clean run")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(cli.Command(summary=__doc__.strip().splitlines()[0], config=SoakConfig, run=soak))

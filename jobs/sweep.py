@@ -13,29 +13,7 @@ summary table. A rerun resumes: finished trials are skipped. `--config` takes a 
 name or a YAML file; every other option overrides the config's value.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dtd_ray.ray import session, sweep  # noqa: E402
-
-
-def run(cfg: sweep.SweepConfig) -> None:
-    plan = sweep.plan_sweep(cfg)  # bad names, keys and paths fail here, before Ray starts
-    if cfg.dry_run:
-        print(sweep.describe(plan))
-        return
-    with session.start(verbose=cfg.verbose):
-        sweep.run_sweep(cfg, plan=plan)
-
+from dtd_ray import cli
 
 if __name__ == "__main__":
-    try:
-        sweep.main(summary=__doc__.strip().splitlines()[0], run=run)
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: also an object store that fails mid-run
-        # A user's mistake (or failed trials) gets one line, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main("sweep")  # the same command as `dtd-ray sweep`

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from dtd_ray.io import records, schema
-from dtd_ray.io.tables import map_from_table
+from dtd_ray.io.maptables import map_from_table
 from dtd_ray.ray import sweep
 from dtd_ray.report.atlas import AtlasConfig, build_atlas, class_means, confusion, overlap_counts, top_rows
 from test_sweep import make_tiny_project, write_tiny_config

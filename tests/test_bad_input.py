@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dtd_ray import cli as cli_lib
 from dtd_ray import config as config_lib
 from dtd_ray.io import records
 from dtd_ray.io import schema
@@ -415,7 +416,7 @@ def test_misspelt_config_key_is_refused():
     from dtd_ray.ray.extract import ExtractConfig
 
     with pytest.raises(ValueError) as ei:
-        config_lib.run_cli(ExtractConfig, lambda cfg: cfg, summary="", argv=["--batchsize", "8"])
+        cli_lib.run_cli(cli_lib.Command("", ExtractConfig, lambda cfg: cfg), ["--batchsize", "8"])
     assert one_line(ei.value).startswith("unknown ExtractConfig option(s) batchsize; valid: ")
     with pytest.raises(ValueError, match=r"^unknown DecomposeConfig option\(s\) k1s; valid: .*\bk1\b"):
         config_lib.check_keys(DecomposeConfig, {"k1s": "1..4"})
@@ -440,10 +441,10 @@ def test_boolean_option_written_false_is_false_or_refused():
     from dtd_ray.ray.extract import ExtractConfig
 
     seen = []
-    config_lib.run_cli(ExtractConfig, seen.append, summary="x", argv=["--overwrite", "false", "--use_gpu", "false"])
+    cli_lib.run_cli(cli_lib.Command("x", ExtractConfig, seen.append), ["--overwrite", "false", "--use_gpu", "false"])
     (cfg,) = seen
     assert cfg.overwrite is False and cfg.use_gpu is False
-    config_lib.run_cli(ExtractConfig, seen.append, summary="x", argv=["--overwrite", "yes", "--use_gpu", "None"])
+    cli_lib.run_cli(cli_lib.Command("x", ExtractConfig, seen.append), ["--overwrite", "yes", "--use_gpu", "auto"])
     assert seen[1].overwrite is True and seen[1].use_gpu is None
     with pytest.raises(ValueError) as ei:
         ExtractConfig(overwrite="maybe")
@@ -563,8 +564,8 @@ def test_write_failing_midway_commits_nothing_and_a_rerun_completes(disk_full):
     assert (np.sort(rec["sample_id"]) == np.arange(600)).all()  # every sample exactly once
     train_part = Path(records.partition_uri(root, model=TAG, split="train"))
     man = records.read_manifest(root, model=TAG, split="train")
-    assert sorted(p.name for p in train_part.iterdir()) == [schema.MANIFEST_NAME] + [
-        f"part-{i:05d}.parquet" for i in range(man["files"])]
+    assert sorted(p.name for p in train_part.iterdir()) == sorted([records.HEAD_NAME, schema.MANIFEST_NAME] + [
+        f"part-{i:05d}.parquet" for i in range(man["files"])])
 
 
 def test_write_failing_midway_says_so_in_one_line(disk_full):

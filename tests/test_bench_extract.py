@@ -1,15 +1,16 @@
-"""jobs/bench_extract.py: its pure helpers, its argument checks and the plain loop's bookkeeping.
+"""jobs/bench_extract.py and what it measures with (dtd_ray.ray.benchmark, dtd_ray.ray.procstats, the
+pipeline's per-stage stats): its inputs, its argument checks, its figures and its bookkeeping.
 
-Correctness only, never time: the replica folder (hard links, with the fallbacks), the synthetic
-JPEGs, the even pick over classes, the per-stage table built from Ray Data's per-block stats, the
-marginal-rate arithmetic and its medians, the JSON record's fields, the one-line errors (exit 2)
-and the rows a plain loop counts.
+Correctness only, never time: the replica folder (hard links, with the fallbacks), the synthetic JPEGs,
+the even pick over classes, the per-stage table built from the pipeline's per-block stats, the
+marginal-rate arithmetic and its medians, the JSON record's fields, the one-line errors (exit 2), the
+rows a plain loop counts, the CPU of a process tree, and one real pipeline run through the model-stage
+hook.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,27 +23,20 @@ import pytest
 import torch
 from PIL import Image
 
+from dtd_ray import config as config_lib
+from dtd_ray.ray import benchmark as bm
+from dtd_ray.ray import procstats
+from dtd_ray.ray.pipeline_stats import BlockTiming, OperatorStats, partition_stats
+from jobs import bench_extract as be
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "jobs" / "bench_extract.py"
 
 
-@pytest.fixture(scope="module")
-def be():
-    spec = importlib.util.spec_from_file_location("bench_extract", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_extract"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop("bench_extract", None)
-
-
-def _png(path: Path, value: int, size: int = 32) -> None:
+def _png(path: Path, value: int, size: int = 32, mode: str = "RGB") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.full((size, size, 3), value, dtype=np.uint8)
     arr[::2, ::3] = 255 - value
-    Image.fromarray(arr).save(path)
+    Image.fromarray(arr).convert(mode).save(path)
 
 
 @pytest.fixture()
@@ -60,35 +54,35 @@ def folder(tmp_path):
 # ----------------------------------------------------------------------------- data folders
 
 
-def test_list_images_skips_hidden_and_non_images(be, folder):
-    items = be.list_images(str(folder))
+def test_list_images_skips_hidden_and_non_images(folder):
+    items = bm.list_images(root=str(folder))
     assert len(items) == 12
     assert items == sorted(items)
     assert {c for c, _ in items} == {"cat", "dog", "ship"}
     assert not any(p.endswith((".txt", ".hidden.png")) for _, p in items)
 
 
-def test_list_images_missing_folder_is_one_line(be, tmp_path):
+def test_list_images_missing_folder_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        be.list_images(str(tmp_path / "nope"))
+        bm.list_images(root=str(tmp_path / "nope"))
     assert "\n" not in str(e.value) and "not found" in str(e.value)
 
 
-def test_pick_evenly_balances_classes(be, folder):
-    items = be.list_images(str(folder))
-    six = be.pick_evenly(items, 6)
+def test_pick_evenly_balances_classes(folder):
+    items = bm.list_images(root=str(folder))
+    six = bm.pick_evenly(items, n=6)
     assert len(six) == 6 and six == sorted(six)
     counts = {c: sum(1 for cc, _ in six if cc == c) for c in ("cat", "dog", "ship")}
     assert counts == {"cat": 2, "dog": 2, "ship": 2}
     assert [p for _, p in six if "cat" in p] == [p for _, p in items if "/cat/" in p][:2]  # the first of each class
-    assert be.pick_evenly(items, 0) == items and be.pick_evenly(items, 99) == items
+    assert bm.pick_evenly(items, n=0) == items and bm.pick_evenly(items, n=99) == items
 
 
-def test_replica_folder_hard_links_every_image(be, folder, tmp_path):
-    items = be.list_images(str(folder))
-    out = be.make_replica_folder(items, str(tmp_path / "rep"), split="test", replicas=3)
+def test_replica_folder_hard_links_every_image(folder, tmp_path):
+    items = bm.list_images(root=str(folder))
+    out = bm.make_replica_folder(items, dest=str(tmp_path / "rep"), split="test", replicas=3)
     assert out == {"root": str(tmp_path / "rep"), "split": "test", "files": 12, "images": 36, "link": "hardlink"}
-    made = be.list_images(str(tmp_path / "rep" / "test"))
+    made = bm.list_images(root=str(tmp_path / "rep" / "test"))
     assert len(made) == 36
     src = folder / "dog" / "0002.png"
     for k in range(3):
@@ -97,34 +91,34 @@ def test_replica_folder_hard_links_every_image(be, folder, tmp_path):
     assert os.stat(src).st_nlink == 4  # the source and its three links: no bytes copied
 
 
-def test_replica_folder_falls_back_to_symlinks_then_copies(be, folder, tmp_path, monkeypatch):
-    items = be.list_images(str(folder))[:2]
+def test_replica_folder_falls_back_to_symlinks_then_copies(folder, tmp_path, monkeypatch):
+    items = bm.list_images(root=str(folder))[:2]
 
     def no_link(*a, **k):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(be.os, "link", no_link)
-    out = be.make_replica_folder(items, str(tmp_path / "sym"), split="test", replicas=2)
+    monkeypatch.setattr(bm.os, "link", no_link)
+    out = bm.make_replica_folder(items, dest=str(tmp_path / "sym"), split="test", replicas=2)
     assert out["link"] == "symlink" and out["images"] == 4
     dst = tmp_path / "sym" / "test" / "cat" / "0000_r1.png"
     assert dst.is_symlink() and os.path.isabs(os.readlink(dst)) and dst.read_bytes() == Path(items[0][1]).read_bytes()
 
-    monkeypatch.setattr(be.os, "symlink", no_link)
-    out = be.make_replica_folder(items, str(tmp_path / "cp"), split="test", replicas=2)
+    monkeypatch.setattr(bm.os, "symlink", no_link)
+    out = bm.make_replica_folder(items, dest=str(tmp_path / "cp"), split="test", replicas=2)
     assert out["link"] == "copy" and out["images"] == 4
     dst = tmp_path / "cp" / "test" / "cat" / "0001_r0.png"
     assert not dst.is_symlink() and dst.read_bytes() == Path(items[1][1]).read_bytes()
 
 
-def test_replica_folder_refuses_zero_replicas(be, folder, tmp_path):
+def test_replica_folder_refuses_zero_replicas(folder, tmp_path):
     with pytest.raises(ValueError, match="replicas must be >= 1"):
-        be.make_replica_folder(be.list_images(str(folder)), str(tmp_path / "r"), split="test", replicas=0)
+        bm.make_replica_folder(bm.list_images(root=str(folder)), dest=str(tmp_path / "r"), split="test", replicas=0)
 
 
-def test_synthetic_jpegs_are_imagenet_sized_and_decodable(be, folder, tmp_path):
-    items = be.list_images(str(folder))[:2]
-    out = be.make_jpeg_folder(items, str(tmp_path / "jpg"), split="test", count=3, quality=90)
-    made = be.list_images(str(tmp_path / "jpg" / "test"))
+def test_synthetic_jpegs_are_imagenet_sized_and_decodable(folder, tmp_path):
+    items = bm.list_images(root=str(folder))[:2]
+    out = bm.make_jpeg_folder(items, dest=str(tmp_path / "jpg"), split="test", count=3, quality=90)
+    made = bm.list_images(root=str(tmp_path / "jpg" / "test"))
     assert out["images"] == len(made) == 3 and out["mean_bytes"] > 0
     sizes = set()
     for _, p in made:
@@ -132,9 +126,38 @@ def test_synthetic_jpegs_are_imagenet_sized_and_decodable(be, folder, tmp_path):
             img.load()
             assert img.format == "JPEG" and img.mode == "RGB"
             sizes.add(img.size)
-    assert sizes == set(be.JPEG_SIZES[:3])
-    again = be.make_jpeg_folder(items, str(tmp_path / "jpg2"), split="test", count=3, quality=90)
+    assert sizes == set(bm.JPEG_SIZES[:3])
+    again = bm.make_jpeg_folder(items, dest=str(tmp_path / "jpg2"), split="test", count=3, quality=90)
     assert again["mean_bytes"] == out["mean_bytes"]  # seeded: the same files
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST (apt dataset-fashion-mnist) not installed")
+def test_proxy_replica_repeats_every_image(tmp_path):
+    """--proxy_replicas: an IDX copy that the project's own source reads, each split N times, in order."""
+    from dtd_ray.data.sources import parse_source
+
+    spec = bm.make_proxy_replica("fashion-mnist", dest=str(tmp_path / "fm"), splits=("test",), replicas=3)
+    orig = parse_source("fashion-mnist").read_numpy("test")
+    got = parse_source(spec).read_numpy("test")
+    n = len(orig["label"])
+    assert len(got["label"]) == 3 * n and (got["sample_id"] == np.arange(3 * n)).all()
+    for r in range(3):
+        assert (got["image"][r * n:(r + 1) * n] == orig["image"]).all()
+        assert (got["label"][r * n:(r + 1) * n] == orig["label"]).all()
+    assert parse_source(spec).num_rows("train") == 1  # the split not asked for: one blank image
+
+
+def test_prepare_copies_a_balanced_subset_and_the_checkpoints(folder, tmp_path):
+    data = folder.parent.parent
+    (data / "cifar_resnets").mkdir()
+    (data / "cifar_resnets" / be.CKPT["cifar_resnet20"]).write_bytes(b"ckpt")
+    be.prepare(be.PrepareConfig(data=str(data), dest=str(tmp_path / "dev"), per_class=2, models="cifar_resnet20"))
+    made = bm.list_images(root=str(tmp_path / "dev" / "cifar10" / "test"))
+    assert len(made) == 6 and {c for c, _ in made} == {"cat", "dog", "ship"}
+    assert [os.path.basename(p) for c, p in made if c == "dog"] == ["0000.png", "0001.png"]  # the first of each
+    assert (tmp_path / "dev" / "cifar_resnets" / be.CKPT["cifar_resnet20"]).read_bytes() == b"ckpt"
+    assert not any(os.path.samefile(p, folder / c / os.path.basename(p)) for c, p in made)  # copies: they travel
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -154,37 +177,39 @@ def test_synthetic_jpegs_are_imagenet_sized_and_decodable(be, folder, tmp_path):
     ({"proxy_splits": "train"}, "proxy_splits: need two splits"),
     ({"repeats": "three"}, "option repeats='three': expected int"),
 ])
-def test_bad_arguments_are_one_line(be, kwargs, message):
+def test_bad_arguments_are_one_line(kwargs, message):
     with pytest.raises(ValueError) as e:
         be.BenchConfig(**kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_words_are_parsed_from_commas_or_tuples(be):
+def test_words_are_parsed_from_commas_or_tuples():
     cfg = be.BenchConfig(modes="png, jpeg", models=("cifar_resnet20", "cifar_resnet56"), proxy_splits="test,train")
     assert cfg.modes == ("png", "jpeg") and cfg.models == ("cifar_resnet20", "cifar_resnet56")
     assert cfg.proxy_splits == ("test", "train")
 
 
-def test_device_rule(be):
-    assert be.resolve_device("auto", cuda_available=False) == "cpu"
-    assert be.resolve_device("auto", cuda_available=True) == "cuda"
-    assert be.resolve_device("cpu", cuda_available=True) == "cpu"
-    assert be.resolve_device("cuda", cuda_available=True) == "cuda"
+def test_device_rule():
+    assert be.resolve_device(device="auto", cuda_available=False) == "cpu"
+    assert be.resolve_device(device="auto", cuda_available=True) == "cuda"
+    assert be.resolve_device(device="cpu", cuda_available=True) == "cpu"
+    assert be.resolve_device(device="cuda", cuda_available=True) == "cuda"
     with pytest.raises(be.DeviceError) as e:
-        be.resolve_device("cuda", cuda_available=False)
+        be.resolve_device(device="cuda", cuda_available=False)
     assert "\n" not in str(e.value) and "no CUDA device" in str(e.value)
-    assert be.default_workers(16) == 15 and be.default_workers(1) == 1
-    assert be.default_batch_size("jpeg", "cuda") == 256 and be.default_batch_size("png", "cuda") == 1024
-    assert be.default_batch_size("png", "cpu") == 256 and be.default_batch_size("jpeg", "cpu") == 256
-    assert be.default_batch_size("proxy", "cpu") == 1024 == be.default_batch_size("proxy", "cuda")
-    assert be.device_slug("cuda", "NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
-    assert be.device_slug("cpu", "whatever") == "cpu"
-    assert be.default_output("cpu").endswith(os.path.join("results", "gpu", "bench_extract_cpu.json"))
+    assert be.default_workers(cpu_count=16) == 15 and be.default_workers(cpu_count=1) == 1
+    assert be.default_batch_size(mode="jpeg", device="cuda") == 256
+    assert be.default_batch_size(mode="png", device="cuda") == 1024
+    assert be.default_batch_size(mode="png", device="cpu") == 256 == be.default_batch_size(mode="jpeg", device="cpu")
+    assert be.default_batch_size(mode="proxy", device="cpu") == 1024 == be.default_batch_size(mode="proxy", device="cuda")
+    assert be.device_slug(device="cuda", name="NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+    assert be.device_slug(device="cpu", name="whatever") == "cpu"
+    assert be.default_output(device_slug="cpu").endswith(os.path.join("results", "gpu", "bench_extract_cpu.json"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "jobs/bench_extract.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -207,64 +232,89 @@ def test_cli_errors_are_one_line_exit_2(args, message):
     p = _cli(*args, *(() if args[0] == "prepare" else ("--output", "")))
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), p.stderr
+    # the config layer may put the option's name before a check's own words: the words, on one "error:" line
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.removeprefix("error: ") in lines[0], p.stderr
 
 
 # ----------------------------------------------------------------------------- figures
 
 
 def _block(rows, start, end, task, wall=None, cpu=0.1):
-    return SimpleNamespace(num_rows=rows, exec_stats=SimpleNamespace(
-        start_time_s=start, end_time_s=end, wall_time_s=end - start if wall is None else wall, cpu_time_s=cpu,
-        task_idx=task))
+    return BlockTiming(rows=rows, task=task, start_s=start, end_s=end, wall_s=end - start if wall is None else wall,
+                       cpu_s=cpu)
 
 
-def test_stage_table_from_block_stats(be):
-    t0 = 100.0
-    ops = [
-        ("FromArrow", [_block(500, 100.5, 100.6, 0), _block(500, 100.5, 100.6, 0)]),
-        ("MapBatches(prepare_batch)", [_block(500, 101.0, 102.0, 0), _block(500, 101.5, 103.0, 1)]),
-        ("MapBatches(FeatureExtractor)", [_block(500, 104.0, 105.0, 0), _block(500, 105.0, 106.0, 1)]),
-        ("MapBatches(write_part)", [_block(1, 106.0, 106.5, 0)]),
+def _ops():
+    return [
+        OperatorStats("FromArrow", "read", (_block(500, 100.5, 100.6, None), _block(500, 100.5, 100.6, None))),
+        OperatorStats("MapBatches(prepare_batch)", "prepare", (_block(500, 101.0, 102.0, 0), _block(500, 101.5, 103.0, 1))),
+        # the proxy's model stage is a FeatureExtractor subclass: labelled as the model stage all the same
+        OperatorStats("MapBatches(TinyExtractor)", "model", (_block(500, 104.0, 105.0, 0), _block(500, 105.0, 106.0, 1))),
+        OperatorStats("MapBatches(write_part)", "write", (_block(1, 106.0, 106.5, 0),)),
     ]
-    table = be.stage_table(ops, t0)
+
+
+def test_stage_table_from_block_stats():
+    t0, ops = 100.0, _ops()
+    table = bm.stage_table(ops, t0=t0)
     assert [s["stage"] for s in table] == ["FromArrow", "prepare_batch", "FeatureExtractor", "write_part"]
-    prep, model, write = table[1:]
+    read, prep, model, write = table
+    assert read["tasks"] == 1 and read["rows"] == 1000  # a read's blocks come from one task without an index
     assert prep["rows"] == 1000 and prep["tasks"] == 2 and prep["blocks"] == 2
     assert prep["first_start_s"] == 1.0 and prep["first_out_s"] == 2.0 and prep["span_s"] == 2.0
     assert prep["rows_per_s"] == 500.0 and prep["busy_s"] == 2.5 and prep["cpu_s"] == 0.2
     assert model["first_out_s"] == 5.0 and model["first_out_rows"] == 500 and model["last_out_s"] == 6.0
     # write_part outputs one summary row per file: its rate is over the rows it consumed
     assert write["rows"] == 1000 and write["rows_out"] == 1 and write["rows_per_s"] == 2000.0
-    assert be.rows_done_by(ops[1][1], t0 + model["first_out_s"]) == 1000
-    assert be.rows_done_by(ops[1][1], 102.5) == 500
-    assert be.stage_table([("Empty", [])], t0)[0]["rows_per_s"] is None
-    assert be.decode_share(table) == round(0.2 / 0.7, 3)  # prepare's 0.2 of the stages' 0.7 CPU seconds
-    assert be.decode_share(table[2:]) is None
+    assert ops[1].rows_done_by(ops[2].first_out_s) == 1000
+    assert ops[1].rows_done_by(102.5) == 500
+    assert bm.stage_table([OperatorStats("Empty", "read", ())], t0=t0)[0]["rows_per_s"] is None
+    assert bm.decode_share(table) == round(0.2 / 0.7, 3)  # prepare's 0.2 of the stages' 0.7 CPU seconds
+    assert bm.decode_share(table[2:]) is None
 
 
-def test_marginal_rate_and_medians(be):
-    small = be.run_figures(rows=1000, seconds=6.0, t_first=4.0, first_rows=100, cpu_s=3.0)
-    full = be.run_figures(rows=3000, seconds=10.0, t_first=4.0, first_rows=100, cpu_s=7.0)
+def test_partition_stats_names_each_operators_stage():
+    """The pipeline's stats: plain values per block, each operator given its stage in build_pipeline
+    (fused operators all of theirs), whatever the model stage's class is called."""
+    meta = lambda rows, task: SimpleNamespace(num_rows=rows, exec_stats=SimpleNamespace(  # noqa: E731
+        task_idx=task, start_time_s=1.0, end_time_s=2.0, wall_time_s=1.0, cpu_time_s=0.5))
+    parent = SimpleNamespace(parents=[], metadata={"FromArrow->MapBatches(prepare_batch)": [meta(3, None)]})
+    raw = SimpleNamespace(parents=[parent], metadata={
+        "MapBatches(TinyExtractor)": [meta(2, 0), meta(1, 1)], "MapBatches(write_part)": [meta(1, 0)],
+        "Limit": [SimpleNamespace(num_rows=3, exec_stats=None)]})
+    ds = SimpleNamespace(_raw_stats=lambda: raw, stats=lambda: "text")
+    st = partition_stats(ds, model="m", split="test", model_stage=be.TinyExtractor, started_s=0.0, ended_s=3.0)
+    assert [(op.name, op.stage) for op in st.operators] == [
+        ("FromArrow->MapBatches(prepare_batch)", "read+prepare"), ("MapBatches(TinyExtractor)", "model"),
+        ("MapBatches(write_part)", "write"), ("Limit", "read")]
+    model = st.operators[1]
+    assert model.rows_out == 3 and model.first_out_s == 2.0 and model.blocks[1].task == 1
+    assert st.operators[3].blocks == (BlockTiming(rows=3, task=None, start_s=None, end_s=None, wall_s=0.0, cpu_s=0.0),)
+    assert st.text == "text" and (st.started_s, st.ended_s) == (0.0, 3.0)
+
+
+def test_marginal_rate_and_medians():
+    small = bm.run_figures(rows=1000, seconds=6.0, t_first=4.0, first_rows=100, cpu_s=3.0)
+    full = bm.run_figures(rows=3000, seconds=10.0, t_first=4.0, first_rows=100, cpu_s=7.0)
     assert full["e2e_img_s"] == 300.0 and full["startup_s"] == 4.0
     assert full["after_first_img_s"] == round(2900 / 6.0, 1)
-    side = be.side_figures(small, full)
+    side = bm.side_figures(small=small, full=full)
     assert side["steady_img_s"] == 500.0  # 2000 more rows in 4 more seconds: the start-up cancels
     assert side["fixed_s"] == 4.0  # 10 s - 3000 / 500
     assert side["cpu_ms_per_img"] == 2.0  # 4 CPU seconds more for 2000 rows more
     # no positive time difference (noise): no rate rather than a negative one
-    assert be.side_figures(full, small)["steady_img_s"] is None
+    assert bm.side_figures(small=full, full=small)["steady_img_s"] is None
 
     def rep(plain, ray, ahead=0.1):
-        p = be.side_figures(be.run_figures(rows=1000, seconds=1000 / plain + 1, t_first=1.0, first_rows=10, cpu_s=2),
-                            be.run_figures(rows=2000, seconds=2000 / plain + 1, t_first=1.0, first_rows=10, cpu_s=4))
-        r = be.side_figures(be.run_figures(rows=1000, seconds=1000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=3),
-                            be.run_figures(rows=2000, seconds=2000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=4))
+        p = bm.side_figures(small=bm.run_figures(rows=1000, seconds=1000 / plain + 1, t_first=1.0, first_rows=10, cpu_s=2),
+                            full=bm.run_figures(rows=2000, seconds=2000 / plain + 1, t_first=1.0, first_rows=10, cpu_s=4))
+        r = bm.side_figures(small=bm.run_figures(rows=1000, seconds=1000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=3),
+                            full=bm.run_figures(rows=2000, seconds=2000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=4))
         r["small"]["ahead_frac"] = ahead
-        return {"plain": p, "ray": r, "ratio": be._ratio(r["steady_img_s"], p["steady_img_s"]),
+        return {"plain": p, "ray": r, "ratio": bm.ratio(r["steady_img_s"], p["steady_img_s"]),
                 "stages": [{"stage": "FeatureExtractor", "rows_per_s": ray}]}
 
-    med = be.summarise([rep(100, 90), rep(100, 80, ahead=0.5), rep(50, 60)])
+    med = bm.summarise([rep(100, 90), rep(100, 80, ahead=0.5), rep(50, 60)])
     assert med["ratios"] == [0.9, 0.8, 1.2] and med["ratio"] == 0.9  # the median of the paired ratios
     assert med["plain_steady_img_s"] == 100.0 and med["ray_steady_img_s"] == 80.0
     assert med["ray_startup_s"] == 5.0 and med["plain_fixed_s"] == 1.0
@@ -273,25 +323,27 @@ def test_marginal_rate_and_medians(be):
     assert med["stage_rows_per_s"] == {"FeatureExtractor": 80.0}
 
 
-def test_tree_cpu_counts_a_child_that_ended(be):
-    snap = be.process_tree_cpu(os.getpid())
-    assert snap is not None and os.getpid() in snap
-    assert be.process_tree_cpu(2**31 - 1) is None
+def test_tree_cpu_counts_a_child_that_ended():
+    snap = procstats.process_tree_cpu(root=os.getpid())
+    assert snap is not None and snap[os.getpid()][0] == "driver"
+    assert procstats.process_tree_cpu(root=2**31 - 1) is None
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.3)"
-    with be.TreeCPU(interval=0.1) as tree:
+    with procstats.TreeCPU(interval=0.1) as tree:
         subprocess.run([sys.executable, "-c", burn], check=True)
     # the child's 0.6 CPU seconds (sampled while it lived), not the sampler's own time
     assert 0.5 <= tree.seconds < 2.0, tree.seconds
+    assert set(tree.by_kind) == set(procstats.KINDS) and tree.by_kind["other"] >= 0.5  # a plain child process
+    assert tree.seconds == pytest.approx(sum(tree.by_kind.values()), abs=0.01)
 
 
-def test_json_record_fields(be):
+def test_json_record_fields():
     med = {k: 1.0 for k in ("plain_steady_img_s", "ray_steady_img_s", "ratio", "ratio_e2e", "cpu_ratio",
                             "plain_startup_s", "ray_startup_s")}
     case = {"mode": "png", "model": "cifar_resnet20", "images": 10000, "batch_size": 256, "median": med,
             "repeats": []}
     machine = {"device": "CPU: x", "device_type": "cpu", "gpu": None, "cpu_model": "x", "cpu_count": 2,
                "load_start": [1.0, 1.0, 1.0], "load_end": [2.0, 2.0, 2.0]}
-    rec = be.record(cfg=be.config_lib.to_dict(be.BenchConfig()), argv=["--repeats", "3"], machine=machine,
+    rec = bm.record(cfg=config_lib.to_dict(be.BenchConfig()), argv=["--repeats", "3"], machine=machine,
                     versions={"torch": "2.x", "ray": "2.y"}, cases=[case], started_at="2026-01-01T00:00:00Z",
                     seconds=12.34)
     for key in ("device", "device_type", "cpu_count", "machine", "versions", "cases", "summary", "config", "argv",
@@ -304,8 +356,8 @@ def test_json_record_fields(be):
     json.loads(json.dumps(rec))  # plain JSON
 
 
-def test_committed_cpu_json_has_the_fields_if_present(be):
-    path = Path(be.default_output("cpu"))
+def test_committed_cpu_json_has_the_fields_if_present():
+    path = Path(be.default_output(device_slug="cpu"))
     if not path.exists():
         pytest.skip("no committed CPU run")
     rec = json.loads(path.read_text())
@@ -315,56 +367,53 @@ def test_committed_cpu_json_has_the_fields_if_present(be):
         assert {"ratio", "ratio_e2e", "ray_startup_s", "plain_startup_s"} <= set(case["median"])
 
 
-# ----------------------------------------------------------------------------- the plain loop, the proxy model
+# ----------------------------------------------------------------------------- the two sides
 
 
-def test_plain_folder_counts_every_row(be, folder):
-    r = be.plain_folder(root=str(folder), model="cifar_resnet8", weights=None, device="cpu", batch_size=5, kmax=8,
+def test_plain_folder_counts_every_row(folder):
+    r = bm.plain_folder(root=str(folder), model="cifar_resnet8", weights=None, device="cpu", batch_size=5, kmax=8,
                         workers=0)
     assert r["rows"] == 12 and r["seconds"] > 0 and 0 <= r["startup_s"] <= r["seconds"]
     assert r["e2e_img_s"] == pytest.approx(12 / r["seconds"], rel=0.05) and r["cpu_s"] > 0  # seconds are rounded
 
 
-def test_tiny_model_is_registered_idempotently_and_cheap(be):
-    from dtd_ray.models import backbones
-    from dtd_ray.models.extractor import FeatureExtractor
-
-    try:
-        be.register_tiny()
-        be.register_tiny()  # a worker may run the hook more than once
-        bb = backbones.get_backbone(be.TINY, weights=None)
-        assert bb.feature_dim == 64 and bb.num_classes == 10
-        assert bb.preprocessing.channels == 1 and bb.preprocessing.size == 28
-        assert sum(p.numel() for p in bb.parameters()) < 1000
-        ext = FeatureExtractor(model=be.TINY, weights=None, kmax=64, use_gpu=False)
-        out = ext({"image": np.zeros((3, 28, 28, 1), np.uint8), "sample_id": np.arange(3), "label": np.zeros(3)})
-        assert out["features"].shape == (3, 64) and out["topk_idx"].shape == (3, 64)
-    finally:
-        backbones._REGISTRY.pop(be.TINY, None)
-
-
-def test_prepare_copies_a_balanced_subset_and_the_checkpoints(be, folder, tmp_path):
-    data = folder.parent.parent
-    (data / "cifar_resnets").mkdir()
-    (data / "cifar_resnets" / be.CKPT["cifar_resnet20"]).write_bytes(b"ckpt")
-    be.prepare(be.PrepareConfig(data=str(data), dest=str(tmp_path / "dev"), per_class=2, models="cifar_resnet20"))
-    made = be.list_images(str(tmp_path / "dev" / "cifar10" / "test"))
-    assert len(made) == 6 and {c for c, _ in made} == {"cat", "dog", "ship"}
-    assert (tmp_path / "dev" / "cifar_resnets" / be.CKPT["cifar_resnet20"]).read_bytes() == b"ckpt"
-    assert not any(os.path.samefile(p, folder / c / os.path.basename(p)) for c, p in made)  # copies: they travel
+def test_tiny_model_registers_itself_in_a_fresh_process():
+    """What a model actor does: a fresh process builds TinyExtractor (registering bench_tiny, once however
+    often it is asked) and runs it. A subprocess, so that this test session's registry stays as it was."""
+    code = (
+        "import json, numpy as np\n"
+        "from jobs import bench_extract as be\n"
+        "from dtd_ray.models.backbones import get_backbone\n"
+        "ext = be.TinyExtractor(model=be.TINY, weights=None, kmax=64, use_gpu=False)\n"
+        "be.register_tiny()\n"
+        "bb = get_backbone(be.TINY, weights=None)\n"
+        "out = ext({'image': np.zeros((3, 28, 28, 1), np.uint8), 'sample_id': np.arange(3), 'label': np.zeros(3)})\n"
+        "print(json.dumps([bb.feature_dim, bb.num_classes, bb.preprocessing.channels, bb.preprocessing.size,\n"
+        "                  sum(p.numel() for p in bb.parameters()), out['features'].shape, out['topk_idx'].shape]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    dim, classes, channels, size, params, features, topk = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (dim, classes, channels, size) == (64, 10, 1, 28) and params < 1000
+    assert features == [3, 64] and topk == [3, 64]
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST (apt dataset-fashion-mnist) not installed")
-def test_proxy_replica_repeats_every_image(be, tmp_path):
-    """--proxy_replicas: an IDX copy that the project's own source reads, each split N times, in order."""
-    from dtd_ray.data.sources import parse_source
+def test_ray_run_figures_of_a_real_pipeline(ray_local, tmp_path):
+    """One pipeline run through ray_run: every row counted, the stages in order with the model's first
+    output and the rows decoded by then, and the CPU of the session's processes by kind."""
+    from dtd_ray.ray.extract import ExtractConfig
 
-    spec = be.make_proxy_replica("fashion-mnist", str(tmp_path / "fm"), splits=("test",), replicas=3)
-    orig = parse_source("fashion-mnist").read_numpy("test")
-    got = parse_source(spec).read_numpy("test")
-    n = len(orig["label"])
-    assert len(got["label"]) == 3 * n and (got["sample_id"] == np.arange(3 * n)).all()
-    for r in range(3):
-        assert (got["image"][r * n:(r + 1) * n] == orig["image"]).all()
-        assert (got["label"][r * n:(r + 1) * n] == orig["label"]).all()
-    assert parse_source(spec).num_rows("train") == 1  # the split not asked for: one blank image
+    for c, cls in enumerate(("cat", "dog", "ship")):
+        for i in range(4):
+            _png(tmp_path / "data" / "test" / cls / f"{i}.png", 20 * c + i)
+    cfg = ExtractConfig(model="cifar_resnet8", weights=None, dataset=f"imagefolder:{tmp_path / 'data'}",
+                        splits=("test",), output=str(tmp_path / "out"), kmax=8, batch_size=4, rows_per_file=5)
+    r = bm.ray_run(cfg, verbose=False)
+    assert r["rows"] == 12 and r["seconds"] > 0 and 0 < r["startup_s"] < r["seconds"]
+    stages = {s["stage"]: s for s in r["stages"]}
+    assert list(stages)[1:] == ["prepare_batch", "FeatureExtractor", "write_part"]
+    assert stages["FeatureExtractor"]["rows"] == 12 == stages["FeatureExtractor"]["rows_out"]
+    assert stages["write_part"]["rows_out"] == 3  # one summary row per file of at most 5 rows
+    assert r["startup_s"] == stages["FeatureExtractor"]["first_out_s"] and 0 < r["ahead_rows"] <= 12
+    assert r["cpu_by_kind"]["driver"] > 0 and r["cpu_by_kind"]["worker"] > 0
+    assert "FeatureExtractor" in r["stats_text"] and r["write_tail_s"] is not None

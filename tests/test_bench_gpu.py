@@ -4,20 +4,10 @@ and every figure it reports is consistent. The GPU box runs the same code at ful
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "jobs" / "bench_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from jobs import bench_gpu
 
 
 def test_time_finetune_times_the_projects_epoch_against_the_plain_loop(tmp_path, monkeypatch):
@@ -39,8 +29,7 @@ def test_time_finetune_times_the_projects_epoch_against_the_plain_loop(tmp_path,
         return real(**kw)
 
     monkeypatch.setattr(finetune, "finetune_epoch", spy)
-    bg = _bench_gpu()
-    out = bg.time_finetune(str(tmp_path), batch_size=8, epoch_images=24, device="cpu")
+    out = bench_gpu.time_finetune(str(tmp_path), batch_size=8, epoch_images=24, device="cpu")
     # per precision: a warm-up epoch on 4 batches (all 24 rows here), then the timed epoch over all 24 images
     assert calls == [("fp16", 24, 8), ("fp16", 24, 8), ("bf16", 24, 8), ("bf16", 24, 8)]
     assert out["batch_size"] == 8 and out["epoch_images"] == 24

@@ -20,9 +20,9 @@ from conftest import CIFAR10_DIR, CIFAR_RESNETS_DIR, UPSTREAM_DTD_DIR, needs_sha
 
 from dtd_ray.core import heads
 from dtd_ray.io import records
-from dtd_ray.ray import reduce as ray_reduce
+from dtd_ray.ray import reduce_on_ray
 from dtd_ray.stages import reduce as stage_reduce
-from dtd_ray.io import tables
+from dtd_ray.io import layout, maptables
 from dtd_ray.io import schema
 from dtd_ray.core import selection
 from dtd_ray.io import storage
@@ -35,10 +35,10 @@ def load_job():
     """The decompose stage with its Ray steps, as ``jobs/decompose.py`` (a thin command-line wrapper) runs it."""
     from types import SimpleNamespace
 
-    from dtd_ray.ray import decompose as ray_decompose
+    from dtd_ray.ray import decompose_on_ray
     from dtd_ray.stages import decompose
 
-    return SimpleNamespace(DecomposeConfig=decompose.DecomposeConfig, run_decompose=ray_decompose.run_decompose)
+    return SimpleNamespace(DecomposeConfig=decompose.DecomposeConfig, run_decompose=decompose_on_ray.decompose_on_ray)
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -90,18 +90,23 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
     res = job.run_decompose(cfg)
     printed = capsys.readouterr().out
     assert "frequency" in printed and "weight_l1" in printed and "essentiality" in printed
-    df = pd.read_parquet(out / "eval")
+    df = layout.read_table(str(out / "eval"))
     assert set(df["strategy"]) == set(selection.DEFAULT_STRATEGIES)
     assert len(df[df.strategy == "frequency"]) == sum(range(1, 13))  # (k1, k2 ≤ k1) for k1 in 1..12
     assert (df[df.strategy != "frequency"]["k1"] == -1).all() and len(df[df.strategy == "random"]) == 12 * 10
     assert sorted(set(df[df.strategy == "random"]["map_seed"])) == list(range(10))  # one map per seed
     assert set(df[df.strategy != "random"]["map_seed"]) == {-1}
     assert (df["select_split"] == "train").all() and (df["split"] == "test").all() and not df["correct_only"].any()
-    assert pq.read_schema(next((out / "eval").glob("*.parquet"))).equals(schema.EVAL_SCHEMA, check_metadata=False)
+    # one layout: eval/ is Hive-partitioned like freq/ and maps/, its partition columns in the folder names
+    (eval_file,) = (out / "eval").rglob("*.parquet")
+    assert eval_file.relative_to(out).as_posix() == "eval/select_split=train/correct_only=false/split=test/toy.parquet"
+    assert pq.read_schema(eval_file).names == [n for n in schema.EVAL_SCHEMA.names
+                                               if n not in ("split", "select_split", "correct_only")]
+    assert list(df.columns) == schema.EVAL_SCHEMA.names  # read back in the schema's order, with their types
     # the classes live on features 4c..4c+3: the frequency map at k1 = k2 = 4 finds exactly them
     maps = pd.read_parquet(out / "maps")
     assert set(maps["select_split"]) == {"train"} and set(maps["correct_only"]) == {"false"}  # Hive folders
-    m4 = tables.map_from_table(maps, strategy="frequency", k1=4, k2=4)
+    m4 = maptables.map_from_table(maps, strategy="frequency", k1=4, k2=4)
     np.testing.assert_array_equal(np.sort(m4.idx, 1), np.arange(20).reshape(5, 4))
     row = df[(df.strategy == "frequency") & (df.k1 == 4) & (df.k2 == 4)].iloc[0]
     assert row["acc_decomposed"] == pytest.approx(res["eval"].query("strategy == 'frequency' and k1 == 4 and k2 == 4")
@@ -115,13 +120,14 @@ def test_job_on_synthetic_records(toy, tmp_path, capsys):
     maps = pd.read_parquet(out / "maps")
     assert set(maps["correct_only"]) == {"false", "true"}
     with pytest.raises(ValueError, match="several selections"):
-        tables.map_from_table(maps, strategy="frequency", k1=4, k2=4)
+        maptables.map_from_table(maps, strategy="frequency", k1=4, k2=4)
     one = maps[maps["correct_only"] == "true"]
-    assert tables.map_from_table(one, strategy="frequency", k1=4, k2=4).k2 == 4
-    assert len(list((out / "eval").glob("*.parquet"))) == 2
+    assert maptables.map_from_table(one, strategy="frequency", k1=4, k2=4).k2 == 4
+    assert len(list((out / "eval").rglob("*.parquet"))) == 2
     exported = json.loads(next((out / "json").rglob("toy_frequency_4_4_indices.json")).read_text())
     assert {int(k): sorted(v) for k, v in exported.items()} == {c: list(range(4 * c, 4 * c + 4)) for c in range(5)}
-    man = json.loads((out / "_manifests" / "toy__test__train.json").read_text())
+    man = json.loads((out / "_manifests" / "select_split=train" / "correct_only=false" / "split=test" / "toy.json")
+                     .read_text())
     assert man["selection"]["select_split"] == "train" and man["selection"]["correct_only"] is False
     assert man["config"]["k1"] == "1..12" and man["warnings"] == []
     ana = pd.read_parquet(out / "analysis")
@@ -142,7 +148,7 @@ def test_job_glm_strategy_and_per_instance_tables(toy, tmp_path):
     df = pd.read_parquet(out / "eval")
     glm = df[df.strategy == "glm"]
     assert len(glm) == 8 and (glm["k1"] == -1).all() and (glm["map_seed"] == -1).all()
-    m4 = tables.map_from_table(pd.read_parquet(out / "maps"), strategy="glm", k1=-1, k2=4)
+    m4 = maptables.map_from_table(pd.read_parquet(out / "maps"), strategy="glm", k1=-1, k2=4)
     np.testing.assert_array_equal(np.sort(m4.idx, 1), np.arange(20).reshape(5, 4))
     inst = pd.read_parquet(out / "instances").sort_values("sample_id")
     assert len(inst) == 300 and inst["psi"].between(0, 1).all()
@@ -158,7 +164,7 @@ def test_job_glm_strategy_and_per_instance_tables(toy, tmp_path):
 def test_job_correct_only_ray_engine_and_imported_map(toy, tmp_path, ray_local):
     job = load_job()
     jpath = tmp_path / "map.json"
-    tables.write_map_json(str(jpath), np.arange(20).reshape(5, 4))
+    maptables.write_map_json(str(jpath), np.arange(20).reshape(5, 4))
     common = dict(records=str(toy / "records"), model="toy", head=str(toy / "head.npz"), k1="2..8:2", analysis_k=4,
                   correct_only=True, strategies=("frequency", "random"))
     a = job.run_decompose(job.DecomposeConfig(output=str(tmp_path / "a"), **common))["eval"]
@@ -180,7 +186,7 @@ def test_job_bad_input(toy, tmp_path):
     np.savez(tmp_path / "bad.npz", weight=np.zeros((5, 20)), bias=np.zeros(5))
     with pytest.raises(ValueError, match="m=24; the head has C=5, m=20"):
         job.run_decompose(job.DecomposeConfig(head=str(tmp_path / "bad.npz"), **base))
-    tables.write_map_json(str(tmp_path / "m.json"), np.arange(12).reshape(3, 4))
+    maptables.write_map_json(str(tmp_path / "m.json"), np.arange(12).reshape(3, 4))
     with pytest.raises(ValueError, match="3 class"):
         job.run_decompose(job.DecomposeConfig(head=str(toy / "head.npz"), maps_json=(str(tmp_path / "m.json"),), **base))
     with pytest.raises(FileNotFoundError, match="--augment cifar --seed 2"):
@@ -224,7 +230,7 @@ def cifar_records(cifar10_resnet20_records, tmp_path_factory):
 
 
 def published(name="resnet20_cifar-10_indices.json"):
-    return tables.read_map_json(str(UPSTREAM_DTD_DIR / name), num_classes=10, feature_dim=64)
+    return maptables.read_map_json(str(UPSTREAM_DTD_DIR / name), num_classes=10, feature_dim=64)
 
 
 def accuracy(data, idx):
@@ -289,7 +295,7 @@ def test_real_job_grid_and_ray_reduce(cifar_records, tmp_path, capsys):
     assert 100 * k5 == pytest.approx(accuracy(cifar_records, frequency_map(cifar_records, "train", 5).idx), abs=1e-9)
     # at k2 = m every strategy is the full head
     assert (df[df.k2 == 64]["acc_decomposed"] == df["acc_full"].iloc[0]).all()
-    ray_ft = ray_reduce.reduce_ray(cifar_records["root"], model="cifar_resnet20", split="train", k1_grid="1..64:9")
+    ray_ft = reduce_on_ray.reduce_on_ray(cifar_records["root"], model="cifar_resnet20", split="train", k1_grid="1..64:9")
     np.testing.assert_array_equal(ray_ft.counts, res["freq"].counts[ray_ft.k1_grid - 1])
 
 

@@ -164,7 +164,47 @@ def test_rerun_skips_finished_and_redoes_unfinished(ray_local, tiny, tmp_path, c
     rec = records.load_records(str(tmp_path / "records"), model="tiny", split="test")
     assert sorted(rec["sample_id"].tolist()) == list(range(18))  # nothing duplicated, nothing lost
     assert not (part / "part-99999.parquet").exists()
-    assert [p.name for p in part.iterdir() if p.name.startswith("_")] == [schema.MANIFEST_NAME]
+    assert sorted(p.name for p in part.iterdir() if p.name.startswith("_")) == [records.HEAD_NAME, schema.MANIFEST_NAME]
+
+
+def test_extraction_stores_the_head_that_load_head_reads_without_a_model(ray_local, tiny, tmp_path, monkeypatch,
+                                                                         caplog):
+    import hashlib
+    import json
+    import logging
+
+    from dtd_ray.models import backbones, linear_head
+
+    run_extract(_cfg(tiny, tmp_path, splits=("test",)))
+    root = str(tmp_path / "records")
+    man = records.read_manifest(root, model="tiny", split="test")
+    stored = Path(records.partition_uri(root, model="tiny", split="test")) / records.HEAD_NAME
+    sha = hashlib.sha256((tiny / "ckpt.th").read_bytes()).hexdigest()
+    assert man["head"] == {"file": records.HEAD_NAME, "model": "cifar_resnet20", "weights": str(tiny / "ckpt.th"),
+                           "weights_name": None, "weights_source": str(tiny / "ckpt.th"), "sha256": sha}
+    z = np.load(stored)
+    assert z["weight"].dtype == np.float32 and z["weight"].shape == (3, 64) and z["bias"].shape == (3,)
+    assert json.loads(str(z["identity"]))["sha256"] == sha
+    # What load_head returned when it rebuilt the network: the module's float32 tensors as float64.
+    ref = backbones.get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th")).head
+    want_w, want_b = ref.weight.detach().double().numpy(), ref.bias.detach().double().numpy()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("load_head built a model")
+
+    with monkeypatch.context() as m:
+        m.setattr(backbones, "_build", no_model)
+        m.setattr(linear_head, "get_backbone", no_model)
+        w, b, source = linear_head.load_head(root=root, manifest=man)
+    assert w.dtype == np.float64 and np.array_equal(w, want_w) and np.array_equal(b, want_b)  # bit-identical
+    assert records.HEAD_NAME in source
+    # Records extracted before heads were stored: the backbone is rebuilt, with a warning.
+    stored.unlink()
+    linear_head._rebuilt_head.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="dtd_ray.models.linear_head"):
+        w, b, _ = linear_head.load_head(root=root, manifest=man)
+    assert np.array_equal(w, want_w) and np.array_equal(b, want_b)
+    assert any("no stored head" in r.getMessage() for r in caplog.records)
 
 
 def test_rerun_with_another_config_is_refused(ray_local, tiny, tmp_path):

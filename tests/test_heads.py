@@ -145,10 +145,3 @@ def test_grid_evaluator_bad_inputs():
     other = selection.select_weight_l1(weight=np.ones((3, 12)), k2=2)
     with pytest.raises(ValueError, match="3 classes, the head 4"):
         heads.evaluate_grid(features=f, labels=y, weight=w, bias=b, maps=[other])
-
-
-def test_per_class_accuracy():
-    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
-    acc = heads.per_class_accuracy(logits=logits, labels=np.array([0, 0, 1]), num_classes=3)
-    np.testing.assert_allclose(acc[:2], [0.5, 0.0])
-    assert np.isnan(acc[2])

@@ -8,6 +8,7 @@ unimportable. The core also stays free of every other layer (numpy/torch only).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "dtd_ray"
 RAY_FREE = ("core", "models", "data", "io", "stages", "train", "report")
-TOP_LEVEL_RAY_FREE = ("config.py", "__init__.py")
+TOP_LEVEL_RAY_FREE = ("config.py", "cli.py", "__init__.py")
 
 
 def modules(*packages: str) -> list[Path]:
@@ -115,3 +116,92 @@ def test_pipeline_cpu_tasks_import_no_torch():
     r = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert r.stdout.decode().split() == ["Preprocessing", "[]"], r.stdout.decode()
+
+
+# ----------------------------------------------------------------------------- the house rules
+
+MODULE_LINES, JOB_LINES = 500, 400
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _module_imports(path: Path, known: set[str]) -> set[str]:
+    """The ``dtd_ray`` modules (not packages) that ``path`` imports, anywhere in it, with
+    ``from pkg import mod`` resolved to ``pkg.mod``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = _module_name(path)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+                pkg = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                base = f"{pkg}.{base}" if base else pkg
+            for a in node.names:
+                out.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return {m for m in out if m in known}
+
+
+def test_no_import_circle():
+    """No module of the package imports, directly or through others, a module that imports it back
+    (package ``__init__`` files, which only re-export, are left out)."""
+    paths = {_module_name(p): p for p in PKG.rglob("*.py") if p.name != "__init__.py"}
+    known = set(paths)
+    graph = {m: _module_imports(p, known) - {m} for m, p in paths.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            pytest.fail("import circle: " + " -> ".join(cycle))
+
+
+def test_module_and_job_sizes():
+    big = [f"{p.relative_to(ROOT)} ({n} lines)" for p in PKG.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MODULE_LINES]
+    big += [f"{p.relative_to(ROOT)} ({n} lines)" for p in (ROOT / "jobs").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > JOB_LINES]
+    assert not big, f"over {MODULE_LINES} lines (a module) or {JOB_LINES} (a job): {', '.join(big)}"
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")) + sorted((ROOT / "jobs").glob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_path_hacks_or_source_reading(path):
+    """The package is installed (editable): nothing edits sys.path, loads a file by path or reads
+    its own source to find its options."""
+    calls = {"sys.path.insert", "sys.path.append", "inspect.getsource", "importlib.util.spec_from_file_location"}
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = sorted({ast.unparse(n.func) for n in ast.walk(tree)
+                    if isinstance(n, ast.Call) and ast.unparse(n.func) in calls})
+    assert not found, f"{path.relative_to(ROOT)} calls {found}"
+
+
+def test_every_command_resolves_with_every_option_described():
+    """Each ``dtd-ray`` command (the same functions as jobs/*.py) imports, and every option of its
+    config has a description for ``--help``."""
+    from dtd_ray import cli
+    from dtd_ray.config import describe
+
+    for name in cli.COMMANDS:
+        command = cli.resolve(name)
+        missing = [f.name for f in dataclasses.fields(command.config) if not describe(command.config, f.name)]
+        assert not missing, f"dtd-ray {name}: options without a description: {missing}"
+        job = ROOT / "jobs" / f"{name}.py"
+        assert job.is_file() and f'cli.main("{name}")' in job.read_text(), f"jobs/{name}.py does not run dtd-ray {name}"

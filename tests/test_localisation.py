@@ -149,7 +149,7 @@ def test_channel_sum_weighted_sum_and_upsample_against_references():
 def test_cam_is_the_logit_before_pooling():
     """The CAM's spatial mean plus the bias is the class's logit (the features are A's spatial mean)."""
     from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.report.cam import last_block_maps
+    from dtd_ray.stages.units import last_block_maps
 
     torch.manual_seed(0)
     bb = get_backbone("cifar_resnet8", weights=None).eval()
@@ -284,7 +284,7 @@ def _scores(n: int = 200, seed: int = 0, shift: float = 0.1) -> pd.DataFrame:
 
 
 def test_table_means_and_intervals():
-    from dtd_ray.report.localisation import localisation_table
+    from dtd_ray.report.localisation_summary import localisation_table
 
     df = _scores()
     t = localisation_table(df).set_index("method")
@@ -301,7 +301,7 @@ def test_table_means_and_intervals():
 
 
 def test_findings_are_paired_and_give_the_verdicts():
-    from dtd_ray.report.localisation import localisation_differences, localisation_findings
+    from dtd_ray.report.localisation_summary import localisation_differences, localisation_findings
 
     df = _scores(shift=0.1)
     d = localisation_differences(df).set_index(["method", "score"])
@@ -322,7 +322,7 @@ def test_findings_are_paired_and_give_the_verdicts():
 
 def test_section_is_empty_without_a_localisation_folder(tmp_path):
     from dtd_ray.io import storage
-    from dtd_ray.report.localisation import localisation_section
+    from dtd_ray.report.localisation_summary import localisation_section
 
     assert localisation_section(str(tmp_path)) == []
     df = _scores()
@@ -342,7 +342,7 @@ def test_section_is_empty_without_a_localisation_folder(tmp_path):
 
 def make_tiny_sweep(root: Path, *, per_class: int = 5, k: int = 2) -> Path:
     """A sweep folder over a 3-class image folder with a randomly initialised ResNet-8 (weights in ``root``)."""
-    from dtd_ray.io import storage, tables
+    from dtd_ray.io import maptables, storage
     from dtd_ray.models.backbones import get_backbone
 
     rng = np.random.default_rng(0)
@@ -366,15 +366,15 @@ def make_tiny_sweep(root: Path, *, per_class: int = 5, k: int = 2) -> Path:
                               score=np.ones((3, k)), count=np.ones((3, k), dtype=np.int64))
     maps = [freq, selection.select_weight_l1(weight=W, k2=4)]
     fs, path = storage.resolve(str(sweep / "decompose" / "maps" / "select_split=train" / "correct_only=false"))
-    storage.write_parquet(fs, f"{path}/tiny.parquet", tables.maps_to_table(maps, model="tiny"))
+    storage.write_parquet(fs, f"{path}/tiny.parquet", maptables.maps_to_table(maps, model="tiny"))
     return sweep
 
 
 def test_localise_job_end_to_end(tmp_path):
     from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.report.cam import last_block_maps
-    from dtd_ray.report.localisation import localisation_section
-    from dtd_ray.report.localise import LOCALISATION_SCHEMA, LocaliseConfig, run_localise
+    from dtd_ray.stages.units import last_block_maps
+    from dtd_ray.report.localisation_summary import localisation_section
+    from dtd_ray.stages.localise import LOCALISATION_SCHEMA, LocaliseConfig, run_localise
 
     sweep = make_tiny_sweep(tmp_path)
     out = tmp_path / "out"
@@ -446,8 +446,8 @@ def test_localise_command_line_refuses_bad_input(tmp_path):
 @needs_shared_data()
 def test_localise_real_resnet20(tmp_path):
     """The committed sweep's ResNet-20 on 200 pasted CIFAR-10 test images."""
-    from dtd_ray.report.localisation import localisation_section, localisation_table
-    from dtd_ray.report.localise import LocaliseConfig, run_localise
+    from dtd_ray.report.localisation_summary import localisation_section, localisation_table
+    from dtd_ray.stages.localise import LocaliseConfig, run_localise
 
     assert CIFAR10_DIR.is_dir()
     res = run_localise(LocaliseConfig(sweep=str(ROOT / "results" / "cifar10_resnets"), models=("cifar_resnet20",),

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtd_ray.io import records
-from dtd_ray.core import counting
-from dtd_ray.ray import reduce as ray_reduce
+from dtd_ray.core import counting, partials
+from dtd_ray.ray import reduce_on_ray
 from dtd_ray.stages import reduce as stage_reduce
-from dtd_ray.io import tables
+from dtd_ray.io import maptables
 from dtd_ray.io import schema
 from dtd_ray.io import storage
 
@@ -161,7 +161,7 @@ def test_ray_path_equals_numpy_pass(tmp_path, ray_local):
     write_partition(tmp_path, model="m", split="train", labels=y, features=f, kmax=10, preds=preds, files=3, num_classes=4)
     for kw in ({"k1_grid": None}, {"k1_grid": [2, 5, 10], "correct_only": True, "with_feature_sums": True}):
         ref = stage_reduce.reduce_partition(str(tmp_path), model="m", split="train", **kw)
-        got = ray_reduce.reduce_ray(str(tmp_path), model="m", split="train", batch_rows=128, **kw)
+        got = reduce_on_ray.reduce_on_ray(str(tmp_path), model="m", split="train", batch_rows=128, **kw)
         np.testing.assert_array_equal(got.k1_grid, ref.k1_grid)
         np.testing.assert_array_equal(got.counts, ref.counts)
         np.testing.assert_array_equal(got.n_instances, ref.n_instances)
@@ -186,7 +186,7 @@ def test_sparse_partials_merge_to_the_same_tables(C, m, rows):
     for s in range(0, 4 * rows, rows):
         batch = {schema.LABEL: y[s : s + rows], schema.TOPK_IDX: idx[s : s + rows], schema.TOPK_VAL: val[s : s + rows],
                  schema.PRED: preds[s : s + rows], schema.FEATURES: f[s : s + rows]}
-        parts.append(counting.partial_counts(batch, kmax=8, **kw))
+        parts.append(partials.partial_counts(batch, kmax=8, **kw))
         assert len(parts[-1]["key"]) <= rows * 8 * 2 + C + C * m + 3  # sparse: bounded by the batch
     # two partials joined into one batch (keys repeat) and two on their own
     acc.add_partial({k: np.concatenate([parts[0][k], parts[1][k]]) for k in parts[0]})
@@ -261,7 +261,7 @@ def freq_from_table(table, *, num_classes: int, feature_dim: int, kmax: int | No
 
 def test_freq_table_round_trip():
     ft = counting.reduce_arrays(labels=HAND_LAB, topk_idx=HAND_IDX, topk_val=HAND_VAL, num_classes=2, feature_dim=4)
-    table = tables.freq_to_table(ft, model="toy")
+    table = maptables.freq_to_table(ft, model="toy")
     assert table.schema.equals(schema.FREQ_SCHEMA)
     df = table.to_pandas()
     assert (df["count"] > 0).all() and set(df["model"]) == {"toy"}
@@ -274,9 +274,9 @@ def test_freq_table_round_trip():
 def test_json_map_round_trip(tmp_path):
     idx = np.array([[7, 23, 54], [9, 47, 40]])
     path = str(tmp_path / "m.json")
-    tables.write_map_json(path, idx)
+    maptables.write_map_json(path, idx)
     assert json.loads(open(path).read()) == {"0": [7, 23, 54], "1": [9, 47, 40]}
-    np.testing.assert_array_equal(tables.read_map_json(path, num_classes=2, feature_dim=64), idx)
+    np.testing.assert_array_equal(maptables.read_map_json(path, num_classes=2, feature_dim=64), idx)
 
 
 @pytest.mark.parametrize(
@@ -292,4 +292,4 @@ def test_json_map_round_trip(tmp_path):
 )
 def test_json_map_that_does_not_fit_is_refused(obj, match):
     with pytest.raises(ValueError, match=match):
-        tables.map_from_json(obj, num_classes=2, feature_dim=64)
+        maptables.map_from_json(obj, num_classes=2, feature_dim=64)

@@ -39,10 +39,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import start_local_ray
+from tests.conftest import start_local_ray
 from dtd_ray.io import records
 from dtd_ray.io import schema
-from s3_server import free_port
+from tests.s3_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 3072  # 6 source blocks of 512 rows for 3 actors: a fault lands while tasks are in flight
@@ -228,7 +228,8 @@ def check_same_as_clean(out: Path, clean) -> dict:
     np.testing.assert_allclose(rec["features"], clean.rec["features"], rtol=1e-4, atol=1e-5)
     # Only the committed files remain: part-00000 … in order, no staging folder, no stray file.
     names = sorted(p.name for p in part.iterdir())
-    assert names == [schema.MANIFEST_NAME] + [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    parts = [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    assert names == sorted([records.HEAD_NAME, schema.MANIFEST_NAME] + parts)  # the head is committed with them
     return man
 
 
@@ -479,7 +480,8 @@ def test_driver_killed_between_partitions_rerun_redoes_only_the_unfinished(tmp_p
         assert (np.sort(rec["sample_id"]) == np.arange(n)).all(), f"{split}: a sample lost or duplicated"
     names = sorted(p.name for p in train_part.iterdir())
     man = records.read_manifest(str(out / "records"), model="drv", split="train")
-    assert names == [schema.MANIFEST_NAME] + [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    parts = [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    assert names == sorted([records.HEAD_NAME, schema.MANIFEST_NAME] + parts)  # the head is committed with them
 
 
 def test_driver_killed_mid_sweep_rerun_recomputes_only_unfinished_trials(tmp_path):

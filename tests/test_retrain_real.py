@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import UPSTREAM_DTD_DIR, needs_shared_data
 
-from dtd_ray.io import records, schema, tables
+from dtd_ray.io import maptables, records, schema
 from dtd_ray.models.linear_head import load_head
 from dtd_ray.ray import trainables
 from dtd_ray.train import defaults
@@ -30,7 +30,7 @@ PUBLISHED_DECOMPOSED = 88.59
 
 
 def _published_map() -> np.ndarray:
-    return tables.read_map_json(str(UPSTREAM_DTD_DIR / "resnet20_cifar-10_indices.json"), num_classes=10, feature_dim=64)
+    return maptables.read_map_json(str(UPSTREAM_DTD_DIR / "resnet20_cifar-10_indices.json"), num_classes=10, feature_dim=64)
 
 
 def test_head_only_retraining_reaches_target_in_seconds(cifar10_resnet20_records):
@@ -38,7 +38,7 @@ def test_head_only_retraining_reaches_target_in_seconds(cifar10_resnet20_records
     cols = [schema.LABEL, schema.FEATURES]
     tr = records.load_records(root, model="cifar_resnet20", split="train", columns=cols)
     te = records.load_records(root, model="cifar_resnet20", split="test", columns=cols)
-    w, b, _ = load_head(manifest=records.read_manifest(root, model="cifar_resnet20", split="train"))
+    w, b, _ = load_head(root=root, manifest=records.read_manifest(root, model="cifar_resnet20", split="train"))
     torch.set_num_threads(1)  # as one Tune trial gets it
     t0 = time.perf_counter()
     res = fit_decomposed_head(  # the sweep's head-only defaults

@@ -424,7 +424,8 @@ def test_store_stopped_mid_write_commits_nothing_and_the_rerun_completes_exactly
     assert (rec["sample_id"] == np.arange(800)).all(), "a sample lost or duplicated"
     man = records.read_manifest(f"s3://{BUCKET}/fault/records", model="f", split="train")
     names = sorted(k[len(train_prefix):] for k in s3.keys(BUCKET, train_prefix) if not k.endswith("/"))
-    assert names == [schema.MANIFEST_NAME] + [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    parts = [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    assert names == sorted([records.HEAD_NAME, schema.MANIFEST_NAME] + parts)  # the head is committed with them
 
 
 # ----------------------------------------------------------------------------- multi-node extraction, output on S3
@@ -452,7 +453,8 @@ def check_same_as_clean_s3(s3, uri: str, clean) -> None:
     np.testing.assert_allclose(rec["features"], clean.rec["features"], rtol=1e-4, atol=1e-5)
     prefix = uri.split(f"s3://{BUCKET}/", 1)[1] + f"/records/model={TAG}/split=test/"
     names = sorted(k[len(prefix):] for k in s3.keys(BUCKET, prefix) if not k.endswith("/"))
-    assert names == [schema.MANIFEST_NAME] + [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    parts = [f"part-{i:05d}.parquet" for i in range(man["files"])]
+    assert names == sorted([records.HEAD_NAME, schema.MANIFEST_NAME] + parts)  # the head is committed with them
 
 
 def test_multinode_extraction_writes_records_to_s3_from_several_nodes(s3_clean, s3):
@@ -521,7 +523,7 @@ def test_worker_node_removed_mid_run_with_output_on_s3(s3_cluster, s3_clean, s3,
 @pytest.mark.slow
 def test_soak_two_runs_each_with_a_random_fault():
     """A short ``jobs/soak.py``: two faulted runs, each equal to a clean run's trials and records."""
-    r = subprocess.run([sys.executable, "jobs/soak.py", "--runs", "2", "--seed", "1"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "jobs.soak", "--runs", "2", "--seed", "1"], cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dtd_ray.core import counting
-from dtd_ray.io import tables
+from dtd_ray.io import maptables
 from dtd_ray.io import schema
 from dtd_ray.core import selection
 from dtd_ray.core.selection import K1_NOT_APPLICABLE
@@ -168,17 +168,17 @@ def test_select_maps_structure_and_table_round_trip():
     assert [(m.strategy, m.k1, m.k2) for m in others] == [
         ("weight_l1", -1, 6), ("contribution", -1, 6), ("random", -1, 6)
     ]
-    table = tables.maps_to_table(maps, model="toy")
+    table = maptables.maps_to_table(maps, model="toy")
     assert table.schema.equals(schema.MAPS_SCORED_SCHEMA)
     assert table.num_rows == sum(m.idx.size for m in maps)
     df = table.to_pandas()
     assert df[df.strategy == "frequency"]["count"].notna().all() and df[df.strategy != "frequency"]["count"].isna().all()
     for m in maps:
         for k2 in (1, m.k2):
-            back = tables.map_from_table(table, strategy=m.strategy, k1=m.k1, k2=k2, num_classes=3)
+            back = maptables.map_from_table(table, strategy=m.strategy, k1=m.k1, k2=k2, num_classes=3)
             np.testing.assert_array_equal(back.idx, m.idx[:, :k2])
     with pytest.raises(ValueError, match="no stored frequency map"):
-        tables.map_from_table(table, strategy="frequency", k1=3, k2=4)
+        maptables.map_from_table(table, strategy="frequency", k1=3, k2=4)
     with pytest.raises(ValueError, match="unknown strategy"):
         selection.select_maps(strategies=["magic"], freq=ft, weight=w)
     with pytest.raises(ValueError, match="head weight has shape"):

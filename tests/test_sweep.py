@@ -22,7 +22,9 @@ import yaml
 from PIL import Image
 
 from dtd_ray.io import schema
+from dtd_ray import cli
 from dtd_ray.ray import cluster, sweep
+from dtd_ray.ray.commands import SWEEP
 from dtd_ray.config import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +175,7 @@ def test_unknown_keys_are_errors_naming_them(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'nope'; presets: .*quickstart"):
         sweep.load_config("nope")
     with pytest.raises(ValueError, match="unknown SweepConfig option"):
-        sweep.main(["--config", cfg_with(), "--epochs", "3"], run=lambda cfg: None)
+        cli.run_cli(dataclasses.replace(SWEEP, run=lambda cfg: None), ["--config", cfg_with(), "--epochs", "3"])
 
 
 def test_yaml_is_data_only(tmp_path):
@@ -184,7 +186,7 @@ def test_yaml_is_data_only(tmp_path):
 
 
 def test_help_lists_every_option(capsys):
-    sweep.main(["--help"], summary="summary line")
+    cli.run_cli(SWEEP, ["--help"])
     out = capsys.readouterr().out
     for cls in (sweep.SweepConfig,):
         for f in dataclasses.fields(cls):
@@ -198,8 +200,9 @@ def test_help_lists_every_option(capsys):
 def test_cli_flags_override_the_config(tmp_path):
     got = {}
     path = write_tiny_config(make_tiny_project(tmp_path), retrain={"none": {}, "head": {"epochs": 3}})
-    sweep.main(["--config", str(path), "--k", "2", "--retrain", "{head: {lr: 0.01}}", "--output", "/tmp/x",
-                "--use_gpu", "false", "--overwrite"], run=lambda cfg: got.setdefault("cfg", cfg))
+    cli.run_cli(dataclasses.replace(SWEEP, run=lambda cfg: got.setdefault("cfg", cfg)),
+                ["--config", str(path), "--k", "2", "--retrain", "{head: {lr: 0.01}}", "--output", "/tmp/x",
+                 "--use_gpu", "false", "--overwrite"])
     cfg = got["cfg"]
     assert cfg.k == 2 and cfg.output == "/tmp/x" and cfg.name == "tiny"
     assert cfg.retrain["head"] == {"epochs": 3, "lr": 0.01} and cfg.strategies == ("frequency", "weight_l1")

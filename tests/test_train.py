@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dtd_ray import config as config_lib
+from dtd_ray import cli
 from dtd_ray.models.backbones import get_backbone
-from dtd_ray.ray.train import run_train as run_train_on_ray
+from dtd_ray.ray.train_on_ray import train_on_ray
 from dtd_ray.train.backbone import TrainConfig, one_cycle_lr, run_train, train_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +80,9 @@ def test_train_in_fp16_steps_through_the_grad_scaler(tiny_grey_folder):
 
 
 def test_cli_ray_false_is_false():
-    cfg = config_lib.run_cli(TrainConfig, lambda c: c, summary="", argv=["--ray", "false"])
+    cfg = cli.run_cli(cli.Command("", TrainConfig, lambda c: c), ["--ray", "false"])
     assert cfg.ray is False
-    cfg = config_lib.run_cli(TrainConfig, lambda c: c, summary="", argv=["--ray", "False", "--epochs", "2"])
+    cfg = cli.run_cli(cli.Command("", TrainConfig, lambda c: c), ["--ray", "False", "--epochs", "2"])
     assert cfg.ray is False and cfg.epochs == 2
 
 
@@ -102,5 +102,5 @@ def test_train_job_with_ray_false_runs_in_process(tiny_grey_folder, tmp_path):
 def test_train_as_a_ray_task(ray_local, grey_folder, tmp_path):
     cfg = TrainConfig(model="cifar_resnet8", dataset=f"imagefolder:{grey_folder}", in_channels=1, epochs=1,
                       batch_size=32, output=str(tmp_path), name="task")
-    record = run_train_on_ray(cfg)
+    record = train_on_ray(cfg)
     assert record["device"] == "cpu" and (tmp_path / "task.th").exists()

@@ -28,8 +28,8 @@ Three drivers share that arithmetic (:class:`CountAccumulator`) and give identic
   partition read file by file, batch by batch with pyarrow (no Ray). Memory: the tables,
   one row group, and the count buffer (≤ ``buffer_bytes``); an ImageNet-size partition
   (1.28 M × kmax 100, C = 1000, m = 2048, every k1 in 1..100) peaks at about 1.6 GB;
-* :func:`dtd_ray.ray.reduce.reduce_ray` — the same partition through Ray Data: each batch
-  becomes sparse partial counts on the workers (:func:`partial_counts`, never larger than
+* :func:`dtd_ray.ray.reduce_on_ray.reduce_on_ray` — the same partition through Ray Data: each batch
+  becomes sparse partial counts on the workers (:func:`dtd_ray.core.partials.partial_counts`, never larger than
   the batch's top-k lists), the driver sums them into the tables.
 
 The per-instance ranking the counts read is :func:`rank_topk` (extraction stores it).
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -186,6 +185,10 @@ def check_record_arrays(
 
 
 # --------------------------------------------------------------------------- counting
+
+# The kinds of a sparse partial's rows (dtd_ray.core.partials.partial_counts), which
+# CountAccumulator.add_partial sums.
+PARTIAL_COUNT, PARTIAL_N, PARTIAL_MASS, PARTIAL_FSUM, PARTIAL_ROWS = 0, 1, 2, 3, 4
 
 
 def _bucket_bounds(k1_grid: np.ndarray) -> list[tuple[int, int]]:
@@ -339,20 +342,20 @@ class CountAccumulator:
     def add_partial(self, partial: dict[str, np.ndarray]) -> None:
         """Merge the sparse partial counts of :func:`partial_counts` (the Ray path)."""
         kind, key, value = partial["kind"], partial["key"], partial["value"]
-        sel = kind == _KIND_COUNT
+        sel = kind == PARTIAL_COUNT
         if sel.any():
             # keys may repeat when the iterator joined several partials: add.at, not +=
             np.add.at(self.counts.reshape(-1), key[sel], value[sel].astype(np.int32))
-        sel = kind == _KIND_N
+        sel = kind == PARTIAL_N
         if sel.any():
             np.add.at(self.n_instances, key[sel], value[sel].astype(np.int64))
-        sel = kind == _KIND_MASS
+        sel = kind == PARTIAL_MASS
         if sel.any() and self.mass is not None:
             np.add.at(self.mass, key[sel], value[sel])
-        sel = kind == _KIND_FSUM
+        sel = kind == PARTIAL_FSUM
         if sel.any() and self.feature_sum is not None:
             np.add.at(self.feature_sum.reshape(-1), key[sel], value[sel])
-        sel = kind == _KIND_ROWS
+        sel = kind == PARTIAL_ROWS
         if sel.any():
             self.rows_read += int(value[sel & (key == 0)].sum())
             self.rows_used += int(value[sel & (key == 1)].sum())
@@ -434,84 +437,3 @@ def reduce_arrays(
     )
     acc.add(labels=np.asarray(labels), topk_idx=topk_idx, topk_val=topk_val, preds=preds, features=features)
     return acc.result(options=options)
-
-
-# --- sparse partial counts per batch (the Ray Data path sums them on the driver) -------
-
-_KIND_COUNT, _KIND_N, _KIND_MASS, _KIND_FSUM, _KIND_ROWS = 0, 1, 2, 3, 4
-
-
-def partial_counts(
-    batch: dict[str, np.ndarray],
-    *,
-    num_classes: int,
-    feature_dim: int,
-    k1_grid: Sequence[int],
-    kmax: int,
-    correct_only: bool,
-    with_feature_sums: bool,
-) -> dict[str, np.ndarray]:
-    """One batch's contribution to the tables as sparse rows ``(kind, key, value)``.
-
-    ``kind`` 0: per-bucket (not yet cumulative) count at ``key = g·C·m + y·m + j``;
-    1: instances of class ``key``; 2: mass at ``y·m + j``; 3: feature sum at ``y·m + j``;
-    4: bookkeeping (key 0 rows read, 1 rows used, 2 negative values). Only non-zero
-    entries are emitted, so a partial is never larger than its batch's top-k lists.
-    """
-    C, m = int(num_classes), int(feature_dim)
-    grid = parse_k1(list(k1_grid), kmax=kmax)
-    labels = np.asarray(batch["label"])
-    topk_idx = np.asarray(batch["topk_idx"])
-    topk_val = batch.get("topk_val")
-    features = batch.get("features") if with_feature_sums else None
-    if topk_idx.ndim != 2 or topk_idx.shape[1] < kmax:
-        raise ValueError(f"topk_idx has shape {topk_idx.shape}; records with kmax ≥ {kmax} expected")
-    if topk_val is None:
-        raise ValueError("topk_val is needed for the tie-break mass")
-    topk_idx, topk_val = topk_idx[:, :kmax], np.asarray(topk_val)[:, :kmax]
-    negative = check_record_arrays(
-        labels=labels, topk_idx=topk_idx, num_classes=C, feature_dim=m, topk_val=topk_val, features=features
-    )
-    rows_read = labels.shape[0]
-    if correct_only:
-        if "pred" not in batch:
-            raise ValueError("correct_only=True needs the pred column")
-        keep = np.asarray(batch["pred"]) == labels
-        labels, topk_idx, topk_val = labels[keep], topk_idx[keep], topk_val[keep]
-        features = None if features is None else np.asarray(features)[keep]
-    parts: list[tuple[int, np.ndarray, np.ndarray]] = []
-    base = labels.astype(np.int64)[:, None] * m
-    # per-bucket counts at g·C·m + y·m + j; each rank r < k1_max belongs to one bucket
-    k1_max = int(grid[-1])
-    bucket = np.repeat(np.arange(len(grid)), np.diff(np.concatenate([[0], grid])))
-    keys = (bucket[None, :] * (C * m) + base + topk_idx[:, :k1_max]).ravel()
-    size = len(grid) * C * m
-    if size <= 4 * keys.size:  # small tables: dense bincount, then keep the non-zeros
-        bc = np.bincount(keys, minlength=size)
-        nz = np.flatnonzero(bc)
-        parts.append((_KIND_COUNT, nz, bc[nz]))
-    else:  # large tables: sort-based, memory ∝ the batch, never the (G, C, m) table
-        uk, cnt = np.unique(keys, return_counts=True)
-        parts.append((_KIND_COUNT, uk, cnt))
-    n = np.bincount(labels, minlength=C)
-    parts.append((_KIND_N, np.flatnonzero(n), n[n > 0]))
-    mk = (base + topk_idx).ravel()
-    uk, inv = np.unique(mk, return_inverse=True)
-    parts.append((_KIND_MASS, uk, np.bincount(inv.ravel(), weights=np.abs(topk_val).ravel().astype(np.float64))))
-    if features is not None and labels.size:
-        fsum = np.zeros((C, m))
-        order = np.argsort(labels, kind="stable")
-        sl = labels[order]
-        starts = np.flatnonzero(np.r_[True, sl[1:] != sl[:-1]])
-        fsum[sl[starts]] = np.add.reduceat(np.asarray(features)[order].astype(np.float64), starts, axis=0)
-        flat = fsum.reshape(-1)
-        nz = np.flatnonzero(flat)
-        parts.append((_KIND_FSUM, nz, flat[nz]))
-    parts.append((_KIND_ROWS, np.arange(3), np.array([rows_read, labels.shape[0], negative])))
-    return {
-        "kind": np.concatenate([np.full(len(k), kind, np.int8) for kind, k, _ in parts]),
-        "key": np.concatenate([np.asarray(k, np.int64) for _, k, _ in parts]),
-        "value": np.concatenate([np.asarray(v, np.float64) for _, _, v in parts]),
-    }
-
-

@@ -42,7 +42,7 @@ keep: the decomposed head still uses the original head's ``W[y, I_y]``.
 Determinism: the batches are drawn by a ``torch.Generator`` seeded with ``seed`` and the
 path runs in float32 on the CPU on ``threads`` torch threads (default 1, restored after:
 the (batch, C, m) operations are small, and on a busy 2-core machine one thread ran the
-path about 10× faster than two), so equal inputs give an equal path and map; the caller's
+path several times faster than two), so equal inputs give an equal path and map; the caller's
 global RNG is left untouched.
 """
 
@@ -59,13 +59,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtd_ray.core import selection
+from dtd_ray.core import classmap
 
 
-# Defaults measured on ResNet-20's CIFAR-10 train features (50,000 × 64, 10 classes, 2 busy CPU cores):
-# the path to 20 entered features per class takes 47 of the 50 λ steps, 77 s CPU (109 s wall), to 5
-# features 27 steps, 36 s CPU; its maps equal, at every k ≤ 5 and in order, those of a 100-step path
-# and of a tight solve (batch 256, lr 0.05, ≤ 50 epochs, tol 1e-5: 329 s CPU), and of another seed;
+# Defaults checked on ResNet-20's CIFAR-10 train features (50,000 × 64, 10 classes): the path to 20
+# entered features per class takes 47 of the 50 λ steps, to 5 features 27 steps; its maps equal, at
+# every k ≤ 5 and in order, those of a 100-step path and of a tight solve (batch 256, lr 0.05,
+# ≤ 50 epochs, tol 1e-5: several times the CPU time), and of another seed;
 # the tail (k = 10, 20) shares 95 % / 93 % of its features with the tight solve. A looser tol
 # (3e-4, 1e-3) or larger batches change the top 5 of one or two classes.
 DEFAULT_ALPHA = 0.99
@@ -117,12 +117,6 @@ def standardize(features: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     sd = x.std(0, unbiased=True) if x.shape[0] > 1 else torch.ones(x.shape[1], dtype=torch.float64)
     sd = torch.where(sd > 0, sd, torch.ones_like(sd))
     return ((x - mu) / sd).float(), mu.float(), sd.float()
-
-
-def entered_counts(weights: np.ndarray, *, threshold: float = 0.0) -> np.ndarray:
-    """``n[s, y]``: how many features have entered class ``y`` by step ``s`` of a (S, C, m) path."""
-    nz = np.abs(np.asarray(weights)) > threshold
-    return np.logical_or.accumulate(nz, axis=0).sum(-1)
 
 
 def glm_path(
@@ -272,13 +266,13 @@ def entry_order(path: dict[str, Any], *, threshold: float | None = None) -> tupl
     step = np.where(ever, nz.argmax(0), S)  # first non-zero step, S = never
     mag = np.where(ever, np.take_along_axis(w, np.minimum(step, S - 1)[None], 0)[0], w[-1])
     # keys most significant first, each ranked descending by rank_rows: earlier step, larger |W|, then lower index
-    idx = selection.rank_rows([-step, mag], k=m)
+    idx = classmap.rank_rows([-step, mag], k=m)
     st = np.take_along_axis(step, idx, 1)
     score = np.where(st < S, lam[np.minimum(st, S - 1)], 0.0)
     return idx, st, score
 
 
-def glm_map(*, path: dict[str, Any], kmax: int, threshold: float | None = None) -> selection.ClassMap:
+def glm_map(*, path: dict[str, Any], kmax: int, threshold: float | None = None) -> classmap.ClassMap:
     """The ``glm`` class map of length ``kmax`` from a :func:`glm_path` result.
 
     ``idx[y]`` = class ``y``'s features in entry order (module docstring), ``score`` their
@@ -286,7 +280,7 @@ def glm_map(*, path: dict[str, Any], kmax: int, threshold: float | None = None) 
     some class without ``kmax`` entered features for: that map's tail would be undefined.
     """
     C, m = np.asarray(path["weights"]).shape[1:]
-    selection.check_k2(k2=kmax, k1=selection.K1_NOT_APPLICABLE, limit=m, what="the feature dimension")
+    classmap.check_k2(k2=kmax, k1=classmap.K1_NOT_APPLICABLE, limit=m, what="the feature dimension")
     idx, st, score = entry_order(path, threshold=threshold)
     S = len(path["lambdas"])
     if not path.get("complete", True):
@@ -294,13 +288,13 @@ def glm_map(*, path: dict[str, Any], kmax: int, threshold: float | None = None) 
         if short.size:
             raise ValueError(f"the path stopped before class(es) {short.tolist()} had {kmax} entered features; "
                              f"run glm_path with stop_at_k ≥ {kmax} (or None)")
-    return selection.ClassMap(strategy="glm", k1=selection.K1_NOT_APPLICABLE, idx=idx[:, :kmax].astype(np.int64),
+    return classmap.ClassMap(strategy="glm", k1=classmap.K1_NOT_APPLICABLE, idx=idx[:, :kmax].astype(np.int64),
                               score=score[:, :kmax].astype(np.float64))
 
 
 def select_glm(
     *, features: Any, labels: Any, num_classes: int, kmax: int, seed: int = 0, **path_options: Any
-) -> selection.ClassMap:
+) -> classmap.ClassMap:
     """The ``glm`` map of length ``kmax`` in one call: :func:`glm_path` stopped once every class
     has ``kmax`` entered features (``stop_at_k=kmax``), then :func:`glm_map`. ``path_options``
     are :func:`glm_path`'s other keywords."""

@@ -328,13 +328,3 @@ def evaluate_grid(
                 }
             )
     return rows
-
-
-def per_class_accuracy(*, logits: torch.Tensor, labels: Any, num_classes: int) -> np.ndarray:
-    """``acc[y]`` = fraction of class-``y`` instances predicted ``y`` (NaN for a class with none)."""
-    y = _t(labels).long()
-    hit = (logits.argmax(1) == y).double()
-    n = torch.bincount(y, minlength=num_classes).double()
-    s = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, hit)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (s / n).numpy()

@@ -3,8 +3,7 @@ normalisations.
 
 Torch-free on purpose: the record travels to every decode task of the extraction pipeline
 (``data.transforms.prepare_batch``), and unpickling it there imports only this module; were it
-defined beside the backbones, every decode worker would import torch (1.6 s a process on this
-project's 2-core machine) just to read four numbers.
+defined beside the backbones, every decode worker would import torch (a process's largest import) just to read four numbers.
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 The record columns are defined in :mod:`dtd_ray.io.schema`. A partition is finished
 when its ``_manifest.json`` exists; readers refuse unfinished partitions rather
-than return a partial table.
+than return a partial table. Beside its Parquet files a partition holds ``_head.npz``
+(:data:`HEAD_NAME`): the final linear layer ``(W, b)`` the records were extracted with,
+written before the manifest, so that later stages never rebuild the network to get it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Iterable
@@ -57,8 +60,8 @@ def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, n
     The write stage of the extraction pipeline (:mod:`dtd_ray.ray.extract`). The summary (one
     row) names the file and carries the skipped rows' ids and reasons, so the driver can account
     for every input row without reading the data back. It lives here, not beside the pipeline,
-    so that a write worker imports pyarrow and this module only (0.4 s), not torch and Ray Data
-    (2.8 s a fresh worker on this project's 2-core machine).
+    so that a fresh write worker imports pyarrow and this module only, not torch and Ray Data
+    (several times the import time).
     """
     ok = np.asarray(batch["ok"], dtype=bool)
     rows = {name: np.asarray(batch[name])[ok] for name in schema.RECORDS_SCHEMA.names}
@@ -100,6 +103,36 @@ def partition_uri(root: str, *, model: str, split: str) -> str:
 def read_manifest(root: str, *, model: str, split: str) -> dict[str, Any] | None:
     fs, path = storage.resolve(partition_uri(root, model=model, split=split))
     return storage.read_json(fs, f"{path}/{schema.MANIFEST_NAME}")
+
+
+# The underscore keeps it out of Parquet dataset discovery (pyarrow skips "_" and "." names), as the manifest.
+HEAD_NAME = "_head.npz"
+
+
+def write_head(fs: Any, path: str, *, weight: np.ndarray, bias: np.ndarray, identity: dict[str, Any]) -> str:
+    """Write the final linear layer into the partition folder ``path`` (atomically); returns the file's path.
+
+    An ``.npz`` with ``weight`` (C, m) and ``bias`` (C,) as given (the module's float32
+    tensors, so a reader gets the very values the records' ``pred`` came from) and
+    ``identity``: the JSON of what the head is (backbone, weights, sha256). The same file
+    is a valid ``--head`` for decomposition.
+    """
+    buf = io.BytesIO()
+    np.savez(buf, weight=np.asarray(weight), bias=np.asarray(bias),
+             identity=np.array(json.dumps(identity, sort_keys=True, default=str)))
+    storage.write_bytes(fs, f"{path}/{HEAD_NAME}", buf.getvalue())
+    return f"{path}/{HEAD_NAME}"
+
+
+def read_head(root: str, *, model: str, split: str) -> dict[str, Any] | None:
+    """``{"weight", "bias", "identity", "uri"}`` of a partition's stored head; ``None`` where it has none."""
+    uri = f"{partition_uri(root, model=model, split=split)}/{HEAD_NAME}"
+    fs, path = storage.resolve(uri)
+    if not storage.exists(fs, path):
+        return None
+    with fs.open_input_file(path) as f:
+        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return {"weight": z["weight"], "bias": z["bias"], "identity": json.loads(str(z["identity"])), "uri": uri}
 
 
 def load_records(

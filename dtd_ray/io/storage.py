@@ -186,7 +186,11 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
 
 def write_json(fs: pafs.FileSystem, path: str, obj: dict[str, Any]) -> None:
     """Write ``obj`` as JSON; on a local disk via a temporary file and rename, so it is atomic."""
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` as the whole file ``path``, atomically: on a local disk via a temporary file and rename."""
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):

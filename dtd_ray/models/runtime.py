@@ -58,11 +58,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device``; ``None`` for plain fp32 (or TF32)."""
-    return _AUTOCAST.get(resolve_precision(precision, device))
-
-
 def normalize_images(images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC → float NCHW, ``x = (u/255 − mean) / std`` per channel (ToTensor + Normalize)."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
@@ -137,7 +132,6 @@ class Runtime:
 __all__ = [
     "PRECISIONS",
     "Runtime",
-    "autocast_dtype",
     "check_precision",
     "normalize_images",
     "resolve_device",

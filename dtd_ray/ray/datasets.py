@@ -19,10 +19,9 @@ log = logging.getLogger(__name__)
 # Ray's 128 MiB target block size while giving a GPU node's cores enough tasks.
 _FOLDER_BLOCK_ROWS = 512
 # Array sources: blocks of about 4 MiB of pixels (Fashion-MNIST: 5,350 rows, CIFAR: 1,365). Their
-# prepare step is a copy, so the per-task cost of Ray Data is what a block size trades against;
-# measured with jobs/bench_extract.py's proxy on 2 cores (Fashion-MNIST's 60,000 training images,
-# model batch 1,024, medians of 5), a run took 4.9 s with 30 blocks of 2,000 rows and 4.0 s with
-# 12 blocks (6 blocks: 3.6 s, but then a 10,000-image split is one block, with no overlap of its stages).
+# prepare step is a copy, so the per-task cost of Ray Data is what a block size trades against:
+# fewer, larger blocks ran faster in jobs/bench_extract.py's array proxy, down to the size where a
+# 10,000-image split becomes one block and its stages no longer overlap.
 _ARRAY_BLOCK_BYTES = 4 << 20
 
 

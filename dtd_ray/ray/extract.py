@@ -13,6 +13,10 @@ so they are dropped with the staging folder and no row is written twice. A pipel
 fails (bad input with ``on_bad_input="fail"``, a write that fails) raises one line naming the
 partition and the cause (``ValueError`` / :class:`ExtractionError`), removes the staging
 folder and releases the model actors at once, so the next extraction in the driver can run.
+
+For a benchmark (``jobs/bench_extract.py``), :func:`run_extract` takes another class for the
+model stage (``model_stage``) and hands each written partition's per-operator block times to
+a callback (``on_stats``: :class:`PartitionStats`).
 """
 
 from __future__ import annotations
@@ -24,53 +28,54 @@ import re
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 import ray
+from pydantic import Field
 
 from dtd_ray import config as config_lib
+from dtd_ray.config import config_class
 from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.io import records, schema, storage
 from dtd_ray.models.backbones import get_backbone
 from dtd_ray.models.extractor import FeatureExtractor
+from dtd_ray.models.linear_head import stored_head
 from dtd_ray.models.runtime import check_precision
 from dtd_ray.ray import cluster
 from dtd_ray.ray.datasets import to_ray_dataset
+from dtd_ray.ray.pipeline_stats import PartitionStats, partition_stats
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@config_class
 class ExtractConfig:
-    model: str = "cifar_resnet20"  # backbone registry name (dtd_ray.models.backbones.list_backbones())
-    weights: str | None = "default"  # "default", a local file, an http(s) URL, "torchvision:<ENUM>", or None (random init)
-    normalization: str | None = None  # override the weights' mean/std: "cifar10", "imagenet", "cifar100", "fashion-mnist"
-    dataset: str = "imagefolder:../shared/data/cifar10"  # imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]
-    splits: tuple[str, ...] = ("train", "test")  # which splits of the dataset to extract
-    output: str = "runs/extract"  # root URI; records go to <output>/records/model=<tag>/split=<split>/
-    shared_fs: bool = False  # the local output is on a filesystem every node mounts (NFS); without it a local output on a multi-node cluster is refused
-    tag: str | None = None  # partition name for the model (default: the model name); set it for custom weights
-    kmax: int = 64  # ranked top-k feature indices stored per instance (capped at the feature dimension)
-    batch_size: int = 256  # images per model batch (use 1024+ on a GPU)
-    num_actors: int | None = None  # model actors (None: one per GPU, else one per node)
-    use_gpu: bool | None = None  # None: decided on the driver from the cluster's resources
-    cpu_threads: int | None = None  # torch threads per CPU actor (None: this node's cores)
-    precision: str = "auto"  # "auto" (fp16 autocast on GPU, fp32 on CPU), "fp32", "tf32" (GPU), "bf16" or "fp16"
-    channels_last: bool = True  # NHWC memory format on GPU (measured faster for convs there)
-    augment: str | None = None  # "cifar": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>
-    seed: int = 0  # seed of the augmentation (per instance: (seed, sample_id))
-    on_bad_input: str = "skip"  # "skip": count undecodable / wrong-size images in the manifest; "fail": stop at the first
-    rows_per_file: int = 4096  # rows per Parquet file (also the granularity of the progress lines); small enough that writing overlaps the model
-    overwrite: bool = False  # recompute partitions even when finished with the same config
-    verbose: bool = False  # show Ray's and Tune's own INFO output
+    model: Annotated[str, Field(description="backbone registry name (dtd_ray.models.backbones.list_backbones())")] = "cifar_resnet20"
+    weights: Annotated[str | None, Field(description="\"default\", a local file, an http(s) URL, \"torchvision:<ENUM>\", or None (random init)")] = "default"
+    normalization: Annotated[str | None, Field(description="override the weights' mean/std: \"cifar10\", \"imagenet\", \"cifar100\", \"fashion-mnist\"")] = None
+    dataset: Annotated[str, Field(description="imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]")] = "imagefolder:../shared/data/cifar10"
+    splits: Annotated[tuple[str, ...], Field(description="which splits of the dataset to extract")] = ("train", "test")
+    output: Annotated[str, Field(description="root URI; records go to <output>/records/model=<tag>/split=<split>/")] = "runs/extract"
+    shared_fs: Annotated[bool, Field(description="the local output is on a filesystem every node mounts (NFS); without it a local output on a multi-node cluster is refused")] = False
+    tag: Annotated[str | None, Field(description="partition name for the model (default: the model name); set it for custom weights")] = None
+    kmax: Annotated[int, Field(description="ranked top-k feature indices stored per instance (capped at the feature dimension)")] = 64
+    batch_size: Annotated[int, Field(description="images per model batch (use 1024+ on a GPU)")] = 256
+    num_actors: Annotated[int | None, Field(description="model actors (None: one per GPU, else one per node)")] = None
+    use_gpu: Annotated[bool | None, Field(description="None: decided on the driver from the cluster's resources")] = None
+    cpu_threads: Annotated[int | None, Field(description="torch threads per CPU actor (None: this node's cores)")] = None
+    precision: Annotated[str, Field(description="\"auto\" (fp16 autocast on GPU, fp32 on CPU), \"fp32\", \"tf32\" (GPU), \"bf16\" or \"fp16\"")] = "auto"
+    channels_last: Annotated[bool, Field(description="NHWC memory format on GPU (measured faster for convs there)")] = True
+    augment: Annotated[str | None, Field(description="\"cifar\": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>")] = None
+    seed: Annotated[int, Field(description="seed of the augmentation (per instance: (seed, sample_id))")] = 0
+    on_bad_input: Annotated[str, Field(description="\"skip\": count undecodable / wrong-size images in the manifest; \"fail\": stop at the first")] = "skip"
+    rows_per_file: Annotated[int, Field(description="rows per Parquet file (also the granularity of the progress lines); small enough that writing overlaps the model")] = 4096
+    overwrite: Annotated[bool, Field(description="recompute partitions even when finished with the same config")] = False
+    verbose: Annotated[bool, Field(description="show Ray's and Tune's own INFO output")] = False
 
     def __post_init__(self) -> None:
-        config_lib.coerce_option_types(self)
-        if isinstance(self.splits, str):
-            self.splits = tuple(s for s in self.splits.split(",") if s)
-        self.splits = tuple(self.splits)
         if self.kmax < 1:
             raise ValueError(f"kmax must be >= 1, got {self.kmax}")
         if self.batch_size < 1 or self.rows_per_file < 1:
@@ -122,8 +127,14 @@ def plan_resources(cfg: ExtractConfig) -> Resources:
     return Resources(False, num_actors, 1.0 if cpus_per_node > 1 else 0.5, 0.5, cfg.cpu_threads or cpus_per_node)
 
 
-def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None):
-    """The Ray Dataset whose rows are per-file summaries (executing it writes the records)."""
+def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None,
+                   model_stage: type | None = None):
+    """The Ray Dataset whose rows are per-file summaries (executing it writes the records).
+
+    ``model_stage``: the callable class of the model stage in place of :class:`FeatureExtractor`,
+    built in each actor with the same keyword arguments (a subclass that sets something up in the
+    actor's process first, as a benchmark's own backbone; ``None``: ``FeatureExtractor``).
+    """
     source = source or parse_source(cfg.dataset)
     pre = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization).preprocessing
     ds = to_ray_dataset(source, split)
@@ -138,7 +149,7 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
         num_cpus=res.prepare_cpus,
     )
     ds = ds.map_batches(
-        FeatureExtractor,
+        model_stage or FeatureExtractor,
         fn_constructor_kwargs={
             "model": cfg.model,
             "weights": cfg.weights,
@@ -183,6 +194,7 @@ def _commit(
     staging_path: str,
     expected_rows: int,
     manifest: dict[str, Any],
+    head: dict[str, Any],
 ) -> dict[str, Any]:
     written = [s for s in summaries if s["file"]]
     rows = int(sum(s["rows"] for s in summaries))
@@ -195,7 +207,10 @@ def _commit(
     for i, s in enumerate(sorted(written, key=lambda s: s["min_id"])):
         part_fs.move(f"{staging_path}/{s['file']}", f"{part_path}/part-{i:05d}.parquet")
     storage.remove_tree(part_fs, staging_path)
-    manifest.update(rows=rows, files=len(written), skipped=len(skipped), skipped_items=skipped[:1000])
+    # The head before the manifest: a committed partition always has it, so no later stage rebuilds the network.
+    records.write_head(part_fs, part_path, weight=head["weight"], bias=head["bias"], identity=head["identity"])
+    manifest.update(rows=rows, files=len(written), skipped=len(skipped), skipped_items=skipped[:1000],
+                    head={"file": records.HEAD_NAME, **head["identity"]})
     storage.write_json(part_fs, f"{part_path}/{schema.MANIFEST_NAME}", manifest)
     return manifest
 
@@ -251,8 +266,14 @@ def _format_rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:,.0f}" if seconds > 0 else "n/a"
 
 
-def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, feature_dim: int, num_classes: int):
-    """Extract one partition unless it is finished; returns its manifest (``status`` says which)."""
+def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, feature_dim: int, num_classes: int,
+                  head: dict[str, Any] | None = None, model_stage: type | None = None,
+                  on_stats: Callable[[PartitionStats], None] | None = None):
+    """Extract one partition unless it is finished; returns its manifest (``status`` says which).
+
+    ``head``: the backbone's final linear layer as :func:`dtd_ray.models.linear_head.stored_head`
+    gives it (``check_extract`` has it); built here where the caller has none.
+    """
     root = f"{cfg.output.rstrip('/')}/records"
     key = cfg.split_key(split)
     uri = records.partition_uri(root, model=cfg.model_key, split=key)
@@ -279,7 +300,7 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
     print(f"[extract] {cfg.model_key}/{key}: {expected} inputs, {res.num_actors} "
           f"{'GPU' if res.use_gpu else 'CPU'} actor(s), batch {cfg.batch_size}", flush=True)
     t0 = time.perf_counter()
-    ds = build_pipeline(cfg, split=split, staging_uri=staging_uri, res=res, source=source)
+    ds = build_pipeline(cfg, split=split, staging_uri=staging_uri, res=res, source=source, model_stage=model_stage)
     summaries: list[dict[str, Any]] = []
     done = 0
     failure: tuple[str, str] | None = None
@@ -294,6 +315,10 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
         failure = failure_cause(e)
         log.debug("%s/%s: Ray Data execution failed:\n%s", cfg.model_key, key, str(e))  # text: pins nothing
         _drop_traceback(e)
+    stats = None
+    if on_stats is not None and failure is None:
+        stats = partition_stats(ds, model=cfg.model_key, split=key, model_stage=model_stage or FeatureExtractor,
+                                started_s=t0, ended_s=time.perf_counter())
     # Ray Data ends an execution by dropping its actor handles, not by killing the actors: they
     # die when the handles are garbage. Collect now, so that the model actors (and their CPUs or
     # GPUs) are free before the next partition or model asks for them, on success and on failure
@@ -328,20 +353,27 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
         "num_actors": res.num_actors,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if head is None:
+        backbone = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization)
+        head = stored_head(backbone, weights=cfg.weights)
     manifest = _commit(cfg, summaries=summaries, part_fs=fs, part_path=path, staging_path=staging_path,
-                       expected_rows=expected, manifest=manifest)
+                       expected_rows=expected, manifest=manifest, head=head)
     print(f"[extract] {cfg.model_key}/{key}: wrote {manifest['rows']} rows ({manifest['skipped']} skipped) "
           f"in {seconds:.1f} s, {_format_rate(expected, seconds)} images/s", flush=True)
+    if stats is not None:
+        on_stats(stats)
     return {**manifest, "status": "written"}
 
 
 @dataclass(frozen=True)
 class ExtractCheck:
-    """What the driver checked before touching Ray: the source and the backbone's shape."""
+    """What the driver checked before touching Ray: the source, the backbone's shape and its final linear layer."""
 
     source: Any
     feature_dim: int
     num_classes: int
+    # linear_head.stored_head of the backbone, written beside every partition (arrays: kept out of repr and ==).
+    head: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 def check_extract(cfg: ExtractConfig) -> ExtractCheck:
@@ -358,14 +390,18 @@ def check_extract(cfg: ExtractConfig) -> ExtractCheck:
         log.warning("%s has %d classes but %s has %d", cfg.model, backbone.num_classes, cfg.dataset,
                     len(source.classes))
     storage.check_writable(cfg.output)
-    return ExtractCheck(source=source, feature_dim=backbone.feature_dim, num_classes=backbone.num_classes)
+    return ExtractCheck(source=source, feature_dim=backbone.feature_dim, num_classes=backbone.num_classes,
+                        head=stored_head(backbone, weights=cfg.weights))
 
 
-def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None) -> dict[str, Any]:
+def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None, model_stage: type | None = None,
+                on_stats: Callable[[PartitionStats], None] | None = None) -> dict[str, Any]:
     """Extract every split of ``cfg`` on the running Ray cluster; returns a summary dict.
 
     Prints progress while it runs and one summary line at the end. ``plan`` is the result
-    of :func:`check_extract` where the caller already ran it.
+    of :func:`check_extract` where the caller already ran it. ``model_stage``: see
+    :func:`build_pipeline`. ``on_stats`` is called with the :class:`PartitionStats` of every
+    partition written (not of those skipped as finished), after its commit.
     """
     plan = plan or check_extract(cfg)
     # Before anything is written: the records are written by tasks on any node of the cluster.
@@ -375,7 +411,7 @@ def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None) -> dict
     t0 = time.perf_counter()
     parts = [
         extract_split(cfg, split=s, res=res, source=source, feature_dim=plan.feature_dim,
-                      num_classes=plan.num_classes)
+                      num_classes=plan.num_classes, head=plan.head, model_stage=model_stage, on_stats=on_stats)
         for s in cfg.splits
     ]
     seconds = time.perf_counter() - t0

@@ -88,10 +88,9 @@ def local_system_config(num_cpus: int | None = None) -> dict[str, int]:
     ``num_workers_soft_limit`` = 4 × CPUs. Ray's default keeps one idle worker process per CPU
     and kills the others after 1 s idle, but the extraction pipeline runs more processes than
     CPUs at once: its decode tasks take 0.5 CPU on a CPU node and its writes 0.25, beside the model
-    actor. A killed worker's replacement pays its imports again (Python, numpy, pyarrow, Ray Data:
-    about 1 s a process on this project's 2-core machine) in the middle of the pipeline. Measured with
-    ``jobs/bench_extract.py --modes proxy`` on 2 cores (README, "Extraction speed"): the pipeline's
-    steady rate goes from about 8.6 k to 25–30 k images/s with this setting alone. A cluster started
+    actor. A killed worker's replacement pays its imports again (Python, numpy, pyarrow, Ray Data) in
+    the middle of the pipeline; ``jobs/bench_extract.py``'s array proxy measured this setting
+    alone as a several-fold rise of the steady rate (README, "Extraction speed"). A cluster started
     with ``ray start`` keeps its own settings (Ray reads them from ``RAY_<name>`` variables, e.g.
     ``RAY_num_workers_soft_limit``; not tried on a cluster here).
     """

@@ -136,7 +136,7 @@ def _load_head_data(cfg: dict[str, Any], data: Mapping[str, Any]) -> dict[str, A
         out["eval_features"], out["eval_labels"] = r[schema.FEATURES], r[schema.LABEL]
     if need_head:
         manifest = records.read_manifest(cfg["records"], model=cfg["model"], split=cfg["train_split"]) or {}
-        out["weight"], out["bias"], source = load_head(manifest=manifest, head=cfg["head"])
+        out["weight"], out["bias"], source = load_head(root=cfg["records"], manifest=manifest, head=cfg["head"])
         log.info("head_trainable: head from %s", source)
     return out
 
@@ -155,8 +155,8 @@ def head_trainable(config: dict[str, Any], *, data: dict[str, Any] | None = None
     - ``records``: records root (``<extract output>/records``); ``model``: its partition tag.
       Needed unless ``data`` carries everything.
     - ``train_split`` ("train"), ``eval_split`` ("test"; ``None``: no evaluation).
-    - ``head``: an .npz with ``weight``/``bias``; default: the backbone named in the training
-      split's manifest (``dtd_ray.models.linear_head.load_head``). Ignored when ``data`` has
+    - ``head``: an .npz with ``weight``/``bias``; default: the head stored beside the training
+      split's records (``dtd_ray.models.linear_head.load_head``). Ignored when ``data`` has
       ``weight``/``bias``.
     - ``epochs``, ``lr``, ``batch_size``, ``weight_decay``: :data:`dtd_ray.train.defaults.HEAD`
       (10, 1e-2, 512, 0.0); ``seed`` (0).

@@ -4,7 +4,7 @@ Reads what :mod:`dtd_ray.ray.sweep` wrote under its output root::
 
     sweep_config.json                        the resolved config (models, weights, datasets, k grid)
     trials/<trial_id>.parquet                one row per trial (accuracies in %)
-    decompose/analysis/<model>__….parquet    Ψ and the essentiality test per class at k = 5
+    decompose/analysis/…/<model>.parquet     Ψ and the essentiality test per class at k = 5
     decompose/maps/…/<model>.parquet         the class maps (for the activation maps)
 
 and writes ``report.md`` and ``plots/*.png`` (by default next to them):
@@ -22,7 +22,9 @@ computed from them (nothing is written in by hand). When the report goes to anot
 folder than the sweep's, the small tables it was made from (trials, analysis, maps,
 eval, the resolved config) are copied beside it so that folder stands alone.
 
-Modules: ``tables`` (reading a sweep folder; the tables; markdown tables), ``claims``
+Modules: ``tables`` (reading a sweep folder; the tables; markdown tables), ``evidence`` (the
+per-instance outcomes and their paired resamples), ``localisation_summary`` (the localisation
+table, findings and section), ``claims``
 (:func:`findings`), ``families`` (the cross-family questions of a sweep whose models differ in
 family or width), ``plots`` (the matplotlib figures), ``cam`` (activation maps),
 ``build`` (:class:`ReportConfig`, :func:`make_report`, the text of report.md), ``atlas``
@@ -30,7 +32,8 @@ family or width), ``plots`` (the matplotlib figures), ``cam`` (activation maps),
 """
 
 from dtd_ray.report.build import ReportConfig, make_report
-from dtd_ray.report.cam import class_activation_maps, last_block_maps
+from dtd_ray.report.cam import class_activation_maps
+from dtd_ray.stages.units import last_block_maps
 from dtd_ray.report.claims import Claim, claims_table, findings, trend
 from dtd_ray.report.evidence import Evidence
 from dtd_ray.report.tables import SweepOutput, depth_of, headline_table, model_table, read_sweep

@@ -28,39 +28,36 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 
-from dtd_ray import config as config_lib
+from pydantic import Field
+
+from dtd_ray.cli import Command
+from dtd_ray.config import config_class
 from dtd_ray.core import heads, localisation, selection
 from dtd_ray.io import records, schema, storage
-from dtd_ray.io.tables import map_from_table
+from dtd_ray.io.maptables import map_from_table
+from dtd_ray.models.linear_head import load_head
 from dtd_ray.report.tables import read_sweep
 
 
-@dataclass
+@config_class
 class AtlasConfig:
-    sweep: str = "runs/quickstart"  # the sweep's output folder (local or s3://…): sweep_config.json, trials/, decompose/, records/
-    output: str | None = None  # the site's folder (default: <sweep>/atlas, for a local sweep)
-    k: int = 5  # k1 = k2 of the maps shown (must be in the sweep's grid)
-    strategy: str = "frequency"  # the strategy each class section shows
-    compare: str | None = "contribution"  # the strategy set beside it (None: no comparison)
-    top: int = 8  # top-activating training images per row
-    models: tuple[str, ...] | None = None  # model tags (default: every model of the sweep)
-    split: str | None = None  # the split the top images come from (default: the sweep's train split)
-    scale: int = 2  # on-screen magnification of the images (CSS; the files keep the data's resolution)
-    per_class_pages_over: int = 50  # more classes than this: one page per class (ImageNet), else one page
+    sweep: Annotated[str, Field(description="the sweep's output folder (local or s3://…): sweep_config.json, trials/, decompose/, records/")] = "runs/quickstart"
+    output: Annotated[str | None, Field(description="the site's folder (default: <sweep>/atlas, for a local sweep)")] = None
+    k: Annotated[int, Field(description="k1 = k2 of the maps shown (must be in the sweep's grid)")] = 5
+    strategy: Annotated[str, Field(description="the strategy each class section shows")] = "frequency"
+    compare: Annotated[str | None, Field(description="the strategy set beside it (None: no comparison)")] = "contribution"
+    top: Annotated[int, Field(description="top-activating training images per row")] = 8
+    models: Annotated[tuple[str, ...] | None, Field(description="model tags (default: every model of the sweep)")] = None
+    split: Annotated[str | None, Field(description="the split the top images come from (default: the sweep's train split)")] = None
+    scale: Annotated[int, Field(description="on-screen magnification of the images (CSS; the files keep the data's resolution)")] = 2
+    per_class_pages_over: Annotated[int, Field(description="more classes than this: one page per class (ImageNet), else one page")] = 50
 
     def __post_init__(self) -> None:
-        config_lib.coerce_option_types(self)
-        if isinstance(self.models, str):
-            self.models = tuple(s for s in self.models.split(",") if s)
-        if self.models is not None:
-            self.models = tuple(self.models)
-        if self.compare in ("", "none"):
-            self.compare = None
         for s in (self.strategy, self.compare):
             if s is not None and s not in selection.STRATEGIES:
                 raise ValueError(f"unknown strategy {s!r}; valid: {', '.join(selection.STRATEGIES)}")
@@ -134,7 +131,7 @@ class _Pixels:
     """The images of one split, decoded once as the backbone expects them, and their channel maps."""
 
     def __init__(self, unit: dict[str, Any], split: str, backbone: Any | None) -> None:
-        from dtd_ray.report.cam import unit_source
+        from dtd_ray.stages.units import unit_source
 
         self.src = unit_source(unit)
         self.cols = self.src.read_numpy(split)
@@ -154,7 +151,7 @@ class _Pixels:
         import torch
 
         from dtd_ray.models.runtime import Runtime
-        from dtd_ray.report.cam import last_block_maps
+        from dtd_ray.stages.units import last_block_maps
 
         pre = self.backbone.preprocessing
         rt = Runtime(device=torch.device("cpu"), precision="fp32", mean=pre.mean, std=pre.std)
@@ -213,18 +210,19 @@ def _model_data(cfg: AtlasConfig, sw: Any, unit: dict[str, Any], out_dir: str, s
     C = cm.idx.shape[0]
     test = records.load_records(root, model=key, split=str(t["eval_split"].iloc[0]),
                                 columns=[schema.LABEL, schema.PRED, schema.FEATURES])
+    weight = conf_dec = None
+    try:  # the head extraction stored beside the records: no network needed for W
+        weight, bias, _ = load_head(root=root, manifest=records.read_manifest(root, model=key, split=split))
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        notes.append(f"no head ({str(e).splitlines()[0]}): no W[y, j], no decomposed confusion")
     backbone = None
     try:
-        from dtd_ray.report.cam import load_unit_backbone
+        from dtd_ray.stages.units import load_unit_backbone
 
         backbone = load_unit_backbone(unit)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
-        notes.append(f"weights not loadable ({str(e).splitlines()[0]}): no W[y, j], no decomposed confusion, "
-                     "no channel maps over the images")
-    weight = conf_dec = None
-    if backbone is not None:
-        weight = backbone.head.weight.detach().double().numpy()
-        bias = backbone.head.bias.detach().double().numpy()
+        notes.append(f"weights not loadable ({str(e).splitlines()[0]}): no channel maps over the images")
+    if weight is not None:
         z = heads.decomposed_logits(features=test[schema.FEATURES], weight=weight, bias=bias, idx=cm.idx)
         conf_dec = confusion(test[schema.LABEL].astype(np.int64), z.argmax(1).numpy(), C)
     conf_full = confusion(test[schema.LABEL].astype(np.int64), test[schema.PRED].astype(np.int64), C)
@@ -469,3 +467,8 @@ def build_atlas(cfg: AtlasConfig) -> dict[str, Any]:
 
 
 __all__ = ["AtlasConfig", "build_atlas", "class_means", "confusion", "overlap_counts", "top_rows"]
+
+
+# The command line (jobs/atlas.py, ``dtd-ray``): it prints its own progress; the returned
+# summary is for library callers.
+COMMAND = Command(summary="The feature atlas: a static web page per sweep with each class's filters, their top images and their maps.", config=AtlasConfig, run=build_atlas)

@@ -9,42 +9,40 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 
-from dtd_ray import config as config_lib
+from pydantic import Field
+
+from dtd_ray.cli import Command
+from dtd_ray.config import config_class
 from dtd_ray.core import selection, stats
 from dtd_ray.io import storage
 from dtd_ray.report.cam import cam_figure
 from dtd_ray.report.claims import Claim, claims_frame, claims_table, findings
 from dtd_ray.report.evidence import Evidence, evidence_or_none
 from dtd_ray.report.families import FamilyView, family_view
-from dtd_ray.report.localisation import localisation_differences, localisation_section, read_localisation
+from dtd_ray.report.localisation_summary import localisation_differences, localisation_section, read_localisation
 from dtd_ray.report.plots import (plot_accuracy_vs_k, plot_accuracy_vs_share, plot_gap_vs_depth, plot_head_cost,
                                   plot_psi_vs_depth, plot_retraining)
 from dtd_ray.report.tables import (EXTRACTION_FILE, MODE_LABELS, SweepOutput, accuracy_by_k, copy_tables,
                                    extraction_table, headline_table, markdown_table, model_table, read_sweep)
 
 
-@dataclass
+@config_class
 class ReportConfig:
-    sweep: str = "runs/quickstart"  # the sweep's output folder (sweep_config.json, trials/, decompose/)
-    output: str | None = None  # where report.md and plots/ go (default: the sweep folder); another folder also gets the tables
-    k: int = 5  # the fixed k of the depth plots and the headline table (must be in the sweep's grid)
-    cam_images: int = 2  # test images per class in the activation maps (0: no activation maps)
-    cam_models: tuple[str, ...] | None = None  # models (tags) to draw activation maps for (default: every model)
-    cam_strategy: str = "frequency"  # the strategy whose selected channels the activation maps show
-    cam_classes: int = 10  # at most this many classes (rows) per activation-map figure
-    cam_correct_only: bool = True  # show only test images the model classifies correctly
+    sweep: Annotated[str, Field(description="the sweep's output folder (sweep_config.json, trials/, decompose/)")] = "runs/quickstart"
+    output: Annotated[str | None, Field(description="where report.md and plots/ go (default: the sweep folder); another folder also gets the tables")] = None
+    k: Annotated[int, Field(description="the fixed k of the depth plots and the headline table (must be in the sweep's grid)")] = 5
+    cam_images: Annotated[int, Field(description="test images per class in the activation maps (0: no activation maps)")] = 2
+    cam_models: Annotated[tuple[str, ...] | None, Field(description="models (tags) to draw activation maps for (default: every model)")] = None
+    cam_strategy: Annotated[str, Field(description="the strategy whose selected channels the activation maps show")] = "frequency"
+    cam_classes: Annotated[int, Field(description="at most this many classes (rows) per activation-map figure")] = 10
+    cam_correct_only: Annotated[bool, Field(description="show only test images the model classifies correctly")] = True
 
     def __post_init__(self) -> None:
-        config_lib.coerce_option_types(self)  # --cam_correct_only false, --k abc: typed, or one line
-        if isinstance(self.cam_models, str):
-            self.cam_models = tuple(s for s in self.cam_models.split(",") if s)
-        if self.cam_models is not None:
-            self.cam_models = tuple(self.cam_models)
         if self.cam_images < 0 or self.cam_classes < 1 or self.k < 1:
             raise ValueError("cam_images must be >= 0, cam_classes and k >= 1")
 
@@ -278,3 +276,8 @@ def render_markdown(
     for title, p in plots.items():
         L += [f"### {title}", "", f"![{title}]({p})", ""]
     return "\n".join(L)
+
+
+# The command line (jobs/report.py, ``dtd-ray``): it prints its own progress; the returned
+# summary is for library callers.
+COMMAND = Command(summary="The sweep report: report.md with tables and plots/*.png from a sweep's output folder.", config=ReportConfig, run=make_report)

@@ -3,7 +3,7 @@
 For a few test images per class, the class's selected channels of the backbone's last
 block (before pooling) are summed and upsampled over the image, beside the same with
 the random strategy's channels: once on one colour scale per image (with its colour bar),
-once each on its own scale (``cam_<model>.png``). :mod:`dtd_ray.report.localise` measures
+once each on its own scale (``cam_<model>.png``). :mod:`dtd_ray.stages.localise` measures
 what these pictures suggest.
 The channel indices of a class map are exactly the last block's channels, since the
 penultimate features are their global average (see :func:`last_block_maps`).
@@ -11,7 +11,6 @@ penultimate features are their global average (see :func:`last_block_maps`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -21,36 +20,11 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
 from dtd_ray.core import localisation, selection
-from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import prepare_batch
-from dtd_ray.io.tables import map_from_table
-from dtd_ray.models.backbones import get_backbone
+from dtd_ray.io.maptables import map_from_table
 from dtd_ray.models.runtime import Runtime
 from dtd_ray.report.plots import figure
-
-# The project folder: a sweep's configured relative paths are resolved against it as a last resort.
-PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def last_block_maps(backbone: Any, x: torch.Tensor) -> torch.Tensor:
-    """The output ``A`` (N, C, h, w) of the backbone's last conv block (before pooling), via a forward hook.
-
-    ``backbone.blocks`` names the stages in forward order (see :class:`dtd_ray.models.backbones.Backbone`).
-    """
-    if not getattr(backbone, "blocks", None):
-        raise ValueError(f"{getattr(backbone, 'name', 'backbone')} names no blocks: no channel maps")
-    name, block = list(backbone.blocks.items())[-1]
-    out: list[torch.Tensor] = []
-    h = block.register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
-    try:
-        with torch.inference_mode():
-            backbone.forward_features(x)
-    finally:
-        h.remove()
-    if not out or out[0].ndim != 4:
-        raise ValueError(f"block {name!r} gave no (N, C, h, w) output")
-    return out[0]
-
+from dtd_ray.stages.units import last_block_maps, load_unit_backbone, unit_source
 
 def class_activation_maps(*, feature_maps: Any, channels: Any, size: int) -> np.ndarray:
     """``M_n = up(Σ_{c ∈ channels[n]} A[n, c])``: the chosen channels summed, upsampled to ``size``².
@@ -67,36 +41,6 @@ def class_activation_maps(*, feature_maps: Any, channels: Any, size: int) -> np.
         raise ValueError(f"channel index out of range [0, {a.shape[1]})")
     # The same two steps the localisation scores use (dtd_ray.core.localisation), so the pictures show what is measured.
     return localisation.upsample(localisation.channel_sum(feature_maps=a, channels=idx), size=size)
-
-
-def _exists(p: str | None) -> bool:
-    return bool(p) and "://" not in p and os.path.exists(p)
-
-
-def _resolve_path(p: str | None) -> str | None:
-    """A configured local path as it exists from here: as given (relative to the working
-    folder, as the sweep read it), else against the project folder, else unchanged."""
-    if p is None or "://" in p or os.path.isabs(p) or os.path.exists(p) or p in ("default",):
-        return p
-    cand = os.path.join(PROJECT, p)
-    return cand if os.path.exists(cand) else p
-
-
-def load_unit_backbone(unit: dict[str, Any]) -> Any:
-    """The backbone of one resolved sweep unit (``sweep_config.json``'s ``resolved.units``), in eval mode,
-    with the unit's normalization: the sweep's absolute weights path where it exists here, else the configured one."""
-    weights = unit.get("weights_abs") if _exists(unit.get("weights_abs")) else _resolve_path(unit.get("weights"))
-    backbone = get_backbone(unit["backbone"], weights=weights, normalization=unit.get("normalization"))
-    return backbone.eval()
-
-
-def unit_source(unit: dict[str, Any]) -> Any:
-    """The dataset :class:`~dtd_ray.data.sources.Source` of one resolved sweep unit, found as
-    :func:`load_unit_backbone` finds its weights."""
-    kind, sep, where = str(unit["dataset"]).partition(":")
-    if sep and _exists(str(unit.get("dataset_abs", "")).partition(":")[2]):
-        return parse_source(unit["dataset_abs"])
-    return parse_source(f"{kind}:{_resolve_path(where)}" if sep and "://" not in where else unit["dataset"])
 
 
 def cam_figure(

@@ -17,7 +17,7 @@ point estimate is given and the verdict is "not resolved".
 * C4 the filters are essential and sit on the object: noise in a class's k selected
   features costs more accuracy than noise in the other m − k, and more than noise in k
   random features; and on canvases with the object at a known place
-  (:mod:`dtd_ray.report.localisation`) the selected channels' map puts more of its mass in
+  (:mod:`dtd_ray.report.localisation_summary`) the selected channels' map puts more of its mass in
   the object's box than random channels, the top-|W| channels and the CAM do.
 
 (The module is not called ``findings`` so that ``dtd_ray.report.findings`` is
@@ -138,7 +138,7 @@ def claims_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int, evidence
                  localisation: pd.DataFrame | None = None) -> list[Claim]:
     """The verdict on each of the paper's claims, per model or depth pair (see the module docstring).
 
-    ``localisation``: :func:`dtd_ray.report.localisation.localisation_differences` of the sweep's
+    ``localisation``: :func:`dtd_ray.report.localisation_summary.localisation_differences` of the sweep's
     localisation set (selected − each alternative, paired over the canvases), where it has one."""
     M = Measures(trials, models, evidence)
     out: list[Claim] = []
@@ -186,7 +186,7 @@ def claims_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int, evidence
             if rd is not None:
                 est = evidence.estimate((rd["selected_noise"] - fq["selected_noise"]).to_numpy(), m)
                 out.append(Claim("C4 the selected filters are essential", m,
-                                 f"accuracy with k random features noised − with the k selected noised (points)",
+                                 "accuracy with k random features noised − with the k selected noised (points)",
                                  est.value, est, _verdict(est, expect="positive")))
     if localisation is not None and not localisation.empty:
         for _, r in localisation.iterrows():

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 
 from dtd_ray.core import stats
-from dtd_ray.io import storage
-from dtd_ray.report.tables import read_dir
+from dtd_ray.io import layout, storage
 
 SCALE = 100.0  # accuracies and their differences in points of %
 
@@ -43,10 +42,10 @@ class Evidence:
 
     @classmethod
     def read(cls, root: str, trials: pd.DataFrame, *, n_boot: int = stats.N_BOOT, seed: int = 0) -> "Evidence":
-        inst = read_dir(storage.join(root, "decompose", "instances"))
+        inst = layout.read_table(storage.join(root, "decompose", "instances"))
         by_model = {str(m): d.sort_values("sample_id").reset_index(drop=True) for m, d in inst.groupby("model")} \
             if not inst.empty else {}
-        ess = read_dir(storage.join(root, "decompose", "essentiality"))
+        ess = layout.read_table(storage.join(root, "decompose", "essentiality"))
         return cls(trials=trials, instances=by_model, essentiality=ess, n_boot=n_boot, seed=seed)
 
     # ------------------------------------------------------------------ test sets

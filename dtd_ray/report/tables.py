@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from dtd_ray.core import selection
-from dtd_ray.io import schema, storage
+from dtd_ray.io import layout, schema, storage
 
 MODE_LABELS = {"none": "decomposed", "head": "head retrained", "finetune": "fine-tuned"}
 
@@ -52,7 +52,7 @@ def read_sweep(root: str) -> SweepOutput:
         raise FileNotFoundError(f"{root}/trials holds no trial rows: run `python jobs/sweep.py --output {root}` first")
     fs, path = storage.resolve(root)
     config = storage.read_json(fs, f"{path}/sweep_config.json") or {}
-    analysis = read_dir(storage.join(root, "decompose", "analysis"))
+    analysis = layout.read_table(storage.join(root, "decompose", "analysis"))
     maps_files = {}
     for f in storage.list_files(storage.join(root, "decompose", "maps"), suffix=".parquet", recursive=True):
         maps_files[f.rsplit("/", 1)[-1][: -len(".parquet")]] = f

@@ -1,7 +1,7 @@
 """Train a CIFAR-style ResNet of any depth on any dataset source (the project's own backbones).
 
 The training loop is plain PyTorch (:func:`train_backbone`), so it runs in a Ray task on
-a GPU node (:mod:`dtd_ray.ray.train`), in-process on a bare GPU box, or on a CPU. Device,
+a GPU node (:mod:`dtd_ray.ray.train_on_ray`), in-process on a bare GPU box, or on a CPU. Device,
 precision, memory format and normalisation come from :class:`dtd_ray.models.runtime.Runtime`
 ("auto": fp16 autocast with loss scaling on CUDA, fp32 on the CPU). :func:`run_train` writes
 the checkpoint in the public CIFAR-ResNet format (``{'state_dict', 'best_prec1'}``, which
@@ -18,15 +18,17 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
 from dtd_ray import config as config_lib
+from dtd_ray.config import config_class
 from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import cifar_augment, prepare_batch
 from dtd_ray.models.backbones import get_backbone
@@ -35,28 +37,28 @@ from dtd_ray.models.runtime import Runtime, check_precision, resolve_device
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@config_class
 class TrainConfig:
-    model: str = "cifar_resnet20"  # a CIFAR ResNet (cifar_resnet8/14/20/32/44/56/110/1202)
-    dataset: str = "fashion-mnist"  # dataset source spec with the two splits below
-    train_split: str = "train"  # split trained on
-    eval_split: str = "test"  # split whose accuracy is reported after every epoch
-    epochs: int = 15  # passes over the training split
-    batch_size: int = 128  # images per SGD step
-    lr: float = 0.1  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 penalty on all weights
-    augment: str | None = "cifar"  # "cifar": zero-pad 4 px, random crop, random flip (seeded per epoch and sample); None: off
-    in_channels: int | None = None  # image channels (None: those of an array source, else 3); 1 → 28 px, 3 → 32 px
-    normalization: str | None = None  # mean/std (None: the model's default for the data's channels)
-    seed: int = 0  # seeds the initialisation, the shuffling and the augmentation
-    use_gpu: bool | None = None  # None: a GPU if the cluster (or, with --ray false, this machine) has one
-    precision: str = "auto"  # dtd_ray.models.runtime: "auto" = fp16 autocast + loss scaling on GPU, fp32 on CPU; fp32, tf32, bf16, fp16
-    cpu_threads: int | None = None  # torch threads on CPU (None: all cores)
-    ray: bool = True  # run as a Ray task (a GPU task when the cluster has GPUs); False: in this process
-    output: str = "runs/train"  # writes <output>/<name>.th and <output>/<name>.json
-    name: str | None = None  # file stem (default: <model>_<dataset kind>)
-    verbose: bool = False  # show Ray's and Tune's own INFO output
+    model: Annotated[str, Field(description="a CIFAR ResNet (cifar_resnet8/14/20/32/44/56/110/1202)")] = "cifar_resnet20"
+    dataset: Annotated[str, Field(description="dataset source spec with the two splits below")] = "fashion-mnist"
+    train_split: Annotated[str, Field(description="split trained on")] = "train"
+    eval_split: Annotated[str, Field(description="split whose accuracy is reported after every epoch")] = "test"
+    epochs: Annotated[int, Field(description="passes over the training split")] = 15
+    batch_size: Annotated[int, Field(description="images per SGD step")] = 128
+    lr: Annotated[float, Field(description="peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)")] = 0.1
+    momentum: Annotated[float, Field(description="SGD momentum")] = 0.9
+    weight_decay: Annotated[float, Field(description="L2 penalty on all weights")] = 5e-4
+    augment: Annotated[str | None, Field(description="\"cifar\": zero-pad 4 px, random crop, random flip (seeded per epoch and sample); None: off")] = "cifar"
+    in_channels: Annotated[int | None, Field(description="image channels (None: those of an array source, else 3); 1 → 28 px, 3 → 32 px")] = None
+    normalization: Annotated[str | None, Field(description="mean/std (None: the model's default for the data's channels)")] = None
+    seed: Annotated[int, Field(description="seeds the initialisation, the shuffling and the augmentation")] = 0
+    use_gpu: Annotated[bool | None, Field(description="None: a GPU if the cluster (or, with --ray false, this machine) has one")] = None
+    precision: Annotated[str, Field(description="dtd_ray.models.runtime: \"auto\" = fp16 autocast + loss scaling on GPU, fp32 on CPU; fp32, tf32, bf16, fp16")] = "auto"
+    cpu_threads: Annotated[int | None, Field(description="torch threads on CPU (None: all cores)")] = None
+    ray: Annotated[bool, Field(description="run as a Ray task (a GPU task when the cluster has GPUs); False: in this process")] = True
+    output: Annotated[str, Field(description="writes <output>/<name>.th and <output>/<name>.json")] = "runs/train"
+    name: Annotated[str | None, Field(description="file stem (default: <model>_<dataset kind>)")] = None
+    verbose: Annotated[bool, Field(description="show Ray's and Tune's own INFO output")] = False
 
     @property
     def stem(self) -> str:
@@ -208,7 +210,7 @@ def run_train(cfg: TrainConfig, *, train: Callable[[TrainConfig], dict[str, Any]
     """Train with ``train`` and save; returns the record.
 
     ``train`` defaults to :func:`train_backbone` in this process; the Ray layer
-    (:func:`dtd_ray.ray.train.run_train`) passes a Ray task instead when ``cfg.ray``.
+    (:func:`dtd_ray.ray.train_on_ray.train_on_ray`) passes a Ray task instead when ``cfg.ray``.
     """
     result = train(cfg)
     record = save_result(cfg, result)

@@ -1,12 +1,12 @@
 """The sweep: models × datasets × k × strategies × retrain modes on Ray, one row per trial.
 
-The main job of dtd-ray (``jobs/sweep.py``). A config (a named preset shipped in
-``dtd_ray/presets/`` or a YAML file, plus command-line overrides) lists the models,
-datasets, the k grid, the selection strategies and the retrain modes. The driver
+The main job of dtd-ray (``jobs/sweep.py``, :data:`dtd_ray.ray.commands.SWEEP`). A config (a
+named preset shipped in ``dtd_ray/presets/`` or a YAML file, plus command-line overrides) lists
+the models, datasets, the k grid, the selection strategies and the retrain modes. The driver
 
 1. extracts the records of every (model, dataset) *unit* (``dtd_ray.ray.extract``;
    finished partitions are skipped),
-2. decomposes each unit once for the whole grid (``dtd_ray.ray.decompose``: freq/, maps/,
+2. decomposes each unit once for the whole grid (``dtd_ray.ray.decompose_on_ray``: freq/, maps/,
    eval/ for every strategy and every k1, k2 ≤ k1; skipped when done with the same
    config and the same records),
 3. runs the trials: one per (unit, strategy, k, retrain mode) with k1 = k2 = k for
@@ -18,18 +18,17 @@ datasets, the k grid, the selection strategies and the retrain modes. The driver
 
 Modules, in the order a run uses them:
 
-- ``config``: :class:`SweepConfig`, model entries and retrain modes; presets and YAML files.
+- ``spec``: :class:`SweepConfig`, model entries and retrain modes; presets and YAML files.
 - ``plan``: the units and trials of a config (:class:`SweepPlan`), validated before Ray starts.
 - ``store``: the trials store, one Parquet row file per finished trial.
 - ``tune``: the Ray Tune trials of modes ``head`` and ``finetune``.
 - ``driver``: the stages in order (:func:`run_sweep`).
-- ``cli``: the command line (:func:`main`).
 
 Output layout under ``<output>``::
 
     sweep_config.json                     the resolved config of the last run, its units and trial counts
     records/model=<key>/split=<split>/    extraction records (see dtd_ray.ray.extract)
-    decompose/{freq,maps,eval,analysis}/  the reduce and the grid evaluation (see jobs/decompose.py)
+    decompose/<table>/select_split=…/…    the reduce, the grid evaluation and the analyses (dtd_ray.io.layout)
     decompose/_sweep/<key>.json           the decompose config and records hashes a rerun compares
     trials/<trial_id>.parquet             one row per finished trial (schema.TRIALS_SCHEMA)
     tune/<experiment>/                    Ray Tune's experiment folders (checkpoints, logs)
@@ -41,8 +40,7 @@ trial finishes, and a rerun skips the trials whose file exists, so an interrupte
 driver recomputes only the unfinished trials (from scratch) and never duplicates a row.
 """
 
-from dtd_ray.ray.sweep.cli import main
-from dtd_ray.ray.sweep.config import RETRAIN_MODES, ModelSpec, RetrainSpec, SweepConfig, list_presets, load_config
+from dtd_ray.ray.sweep.spec import RETRAIN_MODES, ModelSpec, RetrainSpec, SweepConfig, list_presets, load_config
 from dtd_ray.ray.sweep.driver import run_sweep, summary_table
 from dtd_ray.ray.sweep.plan import SweepPlan, TrialSpec, Unit, describe, plan_sweep
 from dtd_ray.ray.sweep.store import finished_trial_ids, read_trials, write_trial_row
@@ -60,7 +58,6 @@ __all__ = [
     "finished_trial_ids",
     "list_presets",
     "load_config",
-    "main",
     "plan_sweep",
     "read_trials",
     "run_sweep",

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 
 from dtd_ray import config as config_lib
 from dtd_ray.core import selection
-from dtd_ray.io import records, schema, storage, tables
+from dtd_ray.io import layout, maptables, records, schema, storage
 from dtd_ray.ray import cluster
-from dtd_ray.ray.decompose import run_decompose
+from dtd_ray.ray.decompose_on_ray import decompose_on_ray
 from dtd_ray.ray.extract import run_extract
-from dtd_ray.ray.sweep.config import RETRAIN_MODES, SweepConfig
+from dtd_ray.ray.sweep.spec import RETRAIN_MODES, SweepConfig
 from dtd_ray.ray.sweep.plan import SweepPlan, TrialSpec, Unit, decompose_config, describe, extract_config, plan_sweep
 from dtd_ray.ray.sweep.store import finished_trial_ids, read_trials, timestamp, trials_root, write_trial_row
 from dtd_ray.ray.sweep.tune import run_tune
@@ -48,7 +48,7 @@ class Decomposed:
 
     def class_map(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE) -> np.ndarray:
         if isinstance(self.maps, pd.DataFrame):
-            return tables.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k, map_seed=map_seed).idx
+            return maptables.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k, map_seed=map_seed).idx
         for cm in self.maps:
             if cm.strategy == strategy and cm.k1 == k1 and cm.k2 >= k and cm.seed == map_seed:
                 return cm.top(k).idx
@@ -81,17 +81,16 @@ def run_decomposition(plan: SweepPlan, unit: Unit) -> Decomposed:
     marker_path = f"{root}/_sweep/{unit.key}.json"
     want = {"decompose_config": config_lib.to_dict(dcfg), "records": _records_hashes(plan, unit)}
     old = storage.read_json(fs, marker_path)
-    eval_path = f"{root}/eval/{dcfg.eval_stem}.parquet"
-    maps_path = f"{root}/maps/{dcfg.select_partition}/{unit.key}.parquet"
+    eval_path, maps_path = f"{root}/{dcfg.path_of('eval')}", f"{root}/{dcfg.path_of('maps')}"
     if (old is not None and not plan.cfg.overwrite and old.get("decompose_config") == want["decompose_config"]
             and old.get("records") == want["records"] and storage.exists(fs, eval_path)
             and storage.exists(fs, maps_path)):
         print(f"[sweep] decompose {unit.key}: finished earlier with the same config and records, skipped", flush=True)
-        ev = pq.read_table(eval_path, filesystem=fs).to_pandas()
+        ev = layout.read_table(storage.join(dcfg.output, dcfg.path_of("eval")))
         maps = pq.read_table(maps_path, filesystem=fs).to_pandas()
         return Decomposed(eval=ev, maps=maps, status="skipped")
     print(f"[sweep] decompose {unit.key}", flush=True)
-    res = run_decompose(dcfg)
+    res = decompose_on_ray(dcfg)
     want["records"] = _records_hashes(plan, unit)  # an augmented pass may have been extracted just now
     storage.write_json(fs, marker_path, {**want, "finished_at": timestamp()})
     return Decomposed(eval=res["eval"], maps=res["maps"], status="written")
@@ -233,6 +232,7 @@ def run_sweep(cfg: SweepConfig, *, plan: SweepPlan | None = None) -> dict[str, A
     # Up front, before anything is written: records and trial rows are written from every node.
     cluster.check_output(plan.output, shared_fs=cfg.shared_fs)
     storage.check_writable(plan.output)
+    layout.refuse_flat(storage.join(plan.output, "decompose"))  # before extraction: an earlier version's output
     save_resolved_config(plan)
     done = set() if cfg.overwrite else finished_trial_ids(plan.output)
     ids = [t.trial_id for t in plan.trials]

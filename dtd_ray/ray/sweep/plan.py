@@ -16,7 +16,7 @@ from dtd_ray.core import selection
 from dtd_ray.core.kgrid import k_shares, parse_k_grid
 from dtd_ray.io import schema
 from dtd_ray.ray.extract import ExtractCheck, ExtractConfig, check_extract
-from dtd_ray.ray.sweep.config import ModelSpec, RetrainSpec, SweepConfig, resolve_models, resolve_retrain, substitute
+from dtd_ray.ray.sweep.spec import ModelSpec, RetrainSpec, SweepConfig, resolve_models, resolve_retrain, substitute
 from dtd_ray.stages.decompose import DecomposeConfig
 
 

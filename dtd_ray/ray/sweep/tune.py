@@ -19,7 +19,7 @@ from dtd_ray.core import stats
 from dtd_ray.io import records, schema
 from dtd_ray.models.linear_head import load_head
 from dtd_ray.ray import cluster, trainables
-from dtd_ray.ray.sweep.config import RetrainSpec
+from dtd_ray.ray.sweep.spec import RetrainSpec
 from dtd_ray.ray.sweep.plan import SweepPlan, TrialSpec, Unit
 from dtd_ray.ray.sweep.store import finished_trial_ids, timestamp, write_trial_row
 
@@ -104,7 +104,7 @@ def head_data(plan: SweepPlan, unit: Unit) -> dict[str, np.ndarray]:
     tr = records.load_records(root, model=unit.key, split=plan.cfg.train_split, columns=[schema.LABEL, schema.FEATURES])
     ev = records.load_records(root, model=unit.key, split=plan.cfg.eval_split, columns=[schema.LABEL, schema.FEATURES])
     man = records.read_manifest(root, model=unit.key, split=plan.cfg.train_split)
-    w, b, _ = load_head(manifest=man)
+    w, b, _ = load_head(root=root, manifest=man)
     return {
         "train_features": tr[schema.FEATURES].astype(np.float32, copy=False),
         "train_labels": tr[schema.LABEL].astype(np.int64),
@@ -216,8 +216,8 @@ def run_tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], *, maps: dict[st
         param_space={"trial_id": tune.grid_search([t.trial_id for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=conc or None,
-            # A trial's own work can take well under a second (head mode); a fresh actor per trial
-            # costs a process and a torch import (~4 s here). Trials of one Tuner share resources.
+            # A trial's own work can be tiny (head mode); a fresh actor per trial
+            # costs a process and a torch import, many times the work. Trials of one Tuner share resources.
             reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
