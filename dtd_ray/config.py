@@ -48,14 +48,19 @@ def _from_words(annotation: Any, value: Any) -> Any:
     an optional switch (``use_gpu``: decide from the cluster). Everything else is left to pydantic's
     validation."""
     if _is_names(annotation):  # a name is never a none-word here: `--modes none` is the mode "none"
-        if isinstance(value, str):
-            return tuple(s.strip() for s in value.split(",") if s.strip())
-        return tuple(value) if isinstance(value, list) else value
+        return names(value) if isinstance(value, (str, list, tuple)) else value
     if isinstance(value, str) and _allows_none(annotation):
         word = value.strip().lower()
         if word in _NONE_WORDS or (word in ("auto", "") and bool in typing.get_args(annotation)):
             return None
     return value
+
+
+def names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A list of names as a tuple: a comma-separated word (``frequency,random``) or a list of words,
+    each of which may itself hold commas (``["a,b", "c"]``, as a shell splits ``--x a,b c``)."""
+    words = [value] if isinstance(value, str) else list(value)
+    return tuple(s.strip() for w in words for s in str(w).split(",") if s.strip())
 
 
 _KIND = {"int": "int", "float": "float", "bool": "bool (true/false)"}

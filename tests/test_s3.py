@@ -373,6 +373,39 @@ def test_images_unreadable_because_the_store_is_down_fail_the_batch_not_counted_
         s3.start_endpoint()
 
 
+def test_weights_from_the_store_are_read_checked_cached_and_a_missing_object_is_one_line(s3, e2e_data, tmp_path):
+    """``--weights s3://…``: read through the data's filesystem (the store's environment), the same
+    tensors as the local file, sha256-recognised, cached once in the temporary folder (not in the
+    output); a missing object is one line and nothing is written."""
+    import tempfile
+
+    import torch
+
+    from dtd_ray.models.backbones import get_backbone
+
+    name = os.path.basename(e2e_data.weights)
+    s3.client().upload_file(e2e_data.weights, BUCKET, f"weights/{name}")
+    uri = f"s3://{BUCKET}/weights/{name}"
+    local = get_backbone("cifar_resnet20", weights=e2e_data.weights)
+    remote = get_backbone("cifar_resnet20", weights=uri)
+    assert remote.checkpoint_sha256 == local.checkpoint_sha256
+    assert (remote.weights is None) == (local.weights is None)  # a known file is recognised by its hash either way
+    for a, b in zip(local.state_dict().values(), remote.state_dict().values()):
+        assert torch.equal(a, b)
+    cached = [f for f in os.listdir(os.path.join(tempfile.gettempdir(), "dtd-ray-weights")) if f.endswith(name)]
+    assert cached and not any(".tmp-" in f for f in cached)
+    with pytest.raises(ValueError, match=rf"^checkpoint 's3://{BUCKET}/weights/nope.th' is not an object in the store$"):
+        get_backbone("cifar_resnet20", weights=f"s3://{BUCKET}/weights/nope.th")
+    # through the job: one error line before anything is written
+    out = f"s3://{BUCKET}/weights-missing"
+    r = cli(["jobs/extract.py", "--model", "cifar_resnet20", "--weights", f"s3://{BUCKET}/weights/nope.th",
+             "--dataset", f"imagefolder:{e2e_data.local}", "--splits", "test", "--output", out], {**os.environ, **s3.env})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"error: checkpoint 's3://{BUCKET}/weights/nope.th' is not an object "
+                                                 "in the store")
+    assert not s3.keys(BUCKET, "weights-missing")
+
+
 def test_store_stopped_mid_write_commits_nothing_and_the_rerun_completes_exactly_once(s3_cluster, s3, tmp_path):
     """The store's endpoint goes down while extraction's tasks write the train partition, and comes back."""
     from dtd_ray.ray.extract import ExtractConfig, ExtractionError, run_extract

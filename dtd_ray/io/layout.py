@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dtd_ray.io import storage
+from dtd_ray.io import schema, storage
 
 SELECTION_KEYS = ("select_split", "correct_only")  # the folders of every table
 EVAL_KEYS = SELECTION_KEYS + ("split",)  # and of the tables of one evaluation
@@ -44,6 +44,23 @@ def partition(*, select_split: str, correct_only: bool, split: str | None = None
 def table_path(table: str, *, model: str, select_split: str, correct_only: bool, split: str | None = None) -> str:
     """``<table>/<partition>/<model>.parquet``, relative to a decompose output."""
     return f"{table}/{partition(select_split=select_split, correct_only=correct_only, split=split)}/{model}.parquet"
+
+
+def sweep_selection(sweep_config: dict[str, Any]) -> dict[str, Any]:
+    """``{select_split, correct_only}`` of the maps a sweep made (its ``sweep_config.json``): the
+    folders every reader of its tables picks, where an output holds several selections."""
+    c = sweep_config.get("config") or {}
+    key = schema.split_key(str(c.get("train_split", "train")), augment=c.get("select_augment"),
+                           seed=int(c.get("seed", 0)))
+    return {"select_split": key, "correct_only": bool(c.get("correct_only", False))}
+
+
+def sweep_maps_file(root: str, *, model: str, sweep_config: dict[str, Any]) -> str | None:
+    """The maps file of ``model`` in the sweep folder ``root``, of the sweep's own selection; ``None``
+    where there is none."""
+    uri = storage.join(root, "decompose", table_path("maps", model=model, **sweep_selection(sweep_config)))
+    fs, path = storage.resolve(uri)
+    return uri if storage.exists(fs, path) else None
 
 
 def write_table(table: pa.Table, root: str, rel: str) -> str:

@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -44,6 +44,7 @@ from dtd_ray.models.builders import (
     split_final_linear,
     torchvision_builder,
 )
+from dtd_ray.models import factories
 from dtd_ray.models.checkpoints import load_checkpoint, load_state_dict_file
 from dtd_ray.models.pretrained import (
     IMAGENET_PREPROCESSING,
@@ -123,6 +124,9 @@ def list_backbones() -> list[str]:
 def _entry(name: str) -> _Entry:
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if factories.is_factory(name):  # a user's own network: built from its callable, never registered
+        return _Entry(name, factories.factory_builder(name), None, "model factory",
+                      factories.factory_preprocessing(name))
     _ensure_torchvision()
     if name in _REGISTRY:
         return _REGISTRY[name]
@@ -225,9 +229,11 @@ def _build(entry: _Entry, options: Mapping[str, int]) -> nn.Module:
 
 
 def _preprocessing(
-    entry: _Entry, record: WeightsRecord | None, options: Mapping[str, int], normalization: str | None
+    entry: _Entry, record: WeightsRecord | None, options: Mapping[str, int], normalization: str | None,
+    input_size: int | None = None, resize: int | None = None,
 ) -> Preprocessing:
-    """The record's preprocessing (else the entry's default), with ``normalization``'s mean/std."""
+    """The record's preprocessing (else the entry's default), with ``normalization``'s mean/std and,
+    where ``input_size`` is given, that input size and ``resize`` (``None``: images come at that size)."""
     if record is not None:
         p = record.preprocessing
     elif callable(entry.preprocessing):
@@ -236,6 +242,10 @@ def _preprocessing(
         p = entry.preprocessing
     else:
         p = entry.default_weights.preprocessing if entry.default_weights is not None else IMAGENET_PREPROCESSING
+    if input_size is not None:
+        p = replace(p, size=int(input_size), resize=None if resize is None else int(resize))
+    elif resize is not None:
+        p = replace(p, resize=int(resize))
     return p.with_normalization(normalization) if normalization is not None else p
 
 
@@ -246,6 +256,8 @@ def get_backbone(
     normalization: str | None = None,
     num_classes: int | None = None,
     in_channels: int | None = None,
+    input_size: int | None = None,
+    resize: int | None = None,
 ) -> Backbone:
     """Build backbone ``name`` with ``weights``, split at its final linear layer, in eval mode.
 
@@ -256,7 +268,10 @@ def get_backbone(
     that record (its preprocessing, categories, metrics) as ``backbone.weights``.
     ``normalization`` (a key of :data:`NORMALIZATIONS`) overrides the preprocessing's
     mean/std. ``num_classes``/``in_channels`` change the architecture, so they combine
-    only with ``weights=None`` or a file whose tensors have those shapes.
+    only with ``weights=None`` or a file whose tensors have those shapes. ``input_size`` (with
+    ``resize``, the shorter side before the center crop; ``None``: images come at that size)
+    overrides the input size. ``name`` may also be a model factory, ``module.path:callable`` or
+    ``file.py:callable`` (:mod:`dtd_ray.models.factories`).
     """
     entry = _entry(name)
     options = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v is not None}
@@ -270,7 +285,7 @@ def get_backbone(
         options = {**shape_options(state_dict, entry.builder), **options}
         record = record or _record_of_file(entry, digest, path)
     model = _build(entry, options)
-    preprocessing = _preprocessing(entry, record, options, normalization)
+    preprocessing = _preprocessing(entry, record, options, normalization, input_size, resize)
     # Split before loading: a checkpoint saved from a Backbone names its keys
     # features.* / head.*, and translating them needs the final linear's path.
     size = min(preprocessing.size, 64)  # small: the forward only checks structure

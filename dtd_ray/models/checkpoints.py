@@ -1,6 +1,10 @@
-"""Checkpoint files: fetch (local path or URL, sha256-checked), unpickle safely, unwrap to a state dict.
+"""Checkpoint files: fetch (local path, URL or object store, sha256-checked), unpickle safely, unwrap to a state dict.
 
 Every load is ``torch.load(..., weights_only=True)``: a checkpoint that carries code is refused.
+An object-store source (``s3://…``, and ``gs://…`` where pyarrow has it) is read through the same
+pyarrow filesystem as the data (:func:`dtd_ray.io.storage.resolve`, its credentials and endpoint)
+and cached once per node in the temporary folder, keyed by the URI, the object's size and its
+modification time; nothing is written into the output.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -43,8 +48,38 @@ def _check_sha(label: str, digest: str, sha256: str | None) -> None:
         raise ValueError(f"{label}: sha256 mismatch: expected {expected}, file has {digest}")
 
 
+def _fetch_from_store(source: str) -> str:
+    """The local copy of an object-store checkpoint, fetched once per node (see the module docstring)."""
+    from dtd_ray.io import storage  # the data's filesystems: imported where a store is read
+
+    fs, path = storage.resolve(source)
+    info = fs.get_file_info(path)
+    if info.type.name != "File":
+        raise ValueError(f"checkpoint {source.partition('?')[0]!r} is not an object in the store")
+    key = hashlib.sha256(f"{source}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
+    cache_dir = os.path.join(tempfile.gettempdir(), "dtd-ray-weights")
+    local = os.path.join(cache_dir, f"{key}-{os.path.basename(path)}")
+    if not os.path.isfile(local):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{local}.tmp-{os.getpid()}"
+        try:  # a rename: a process that reads the cache never sees half a file
+            with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    dst.write(chunk)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return local
+
+
 def _fetch(source: str, sha256: str | None) -> tuple[str, str]:
-    """``(local path, sha256 hex)`` of a local file or of an http(s) URL's cached download."""
+    """``(local path, sha256 hex)`` of a local file, an http(s) URL's or an object's cached download."""
+    if "://" in source and not _is_url(source) and not source.startswith("file://"):
+        path = _fetch_from_store(source)
+        digest = _sha256_file(path)
+        _check_sha(source.partition("?")[0], digest, sha256)
+        return path, digest
     if _is_url(source):
         filename = os.path.basename(urllib.parse.urlparse(source).path) or "checkpoint"
         cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")

@@ -35,6 +35,8 @@ class FeatureExtractor:
         model: str,
         weights: str | None = "default",
         normalization: str | None = None,
+        input_size: int | None = None,
+        resize: int | None = None,
         kmax: int = 64,
         use_gpu: bool | None = None,
         precision: str = "auto",
@@ -44,7 +46,8 @@ class FeatureExtractor:
         device = resolve_device(use_gpu)
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
-        backbone = get_backbone(model, weights=weights, normalization=normalization).eval()
+        backbone = get_backbone(model, weights=weights, normalization=normalization, input_size=input_size,
+                                resize=resize).eval()
         pre = backbone.preprocessing
         self.runtime = Runtime(device=device, precision=precision, mean=pre.mean, std=pre.std,
                                channels_last=channels_last)

@@ -40,6 +40,7 @@ from dtd_ray.config import config_class
 from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.io import records, schema, storage
+from dtd_ray.models import factories
 from dtd_ray.models.backbones import get_backbone
 from dtd_ray.models.extractor import FeatureExtractor
 from dtd_ray.models.linear_head import stored_head
@@ -53,9 +54,11 @@ log = logging.getLogger(__name__)
 
 @config_class
 class ExtractConfig:
-    model: Annotated[str, Field(description="backbone registry name (dtd_ray.models.backbones.list_backbones())")] = "cifar_resnet20"
+    model: Annotated[str, Field(description="backbone registry name (dtd_ray.models.backbones.list_backbones()), or a model factory: module.path:callable or file.py:callable")] = "cifar_resnet20"
     weights: Annotated[str | None, Field(description="\"default\", a local file, an http(s) URL, \"torchvision:<ENUM>\", or None (random init)")] = "default"
     normalization: Annotated[str | None, Field(description="override the weights' mean/std: \"cifar10\", \"imagenet\", \"cifar100\", \"fashion-mnist\"")] = None
+    input_size: Annotated[int | None, Field(description="override the input size (px; with a model factory: its input, default 224)")] = None
+    resize: Annotated[int | None, Field(description="with input_size: resize the shorter side to this, then center-crop (default: images come at input_size)")] = None
     dataset: Annotated[str, Field(description="imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH]")] = "imagefolder:../shared/data/cifar10"
     splits: Annotated[tuple[str, ...], Field(description="which splits of the dataset to extract")] = ("train", "test")
     output: Annotated[str, Field(description="root URI; records go to <output>/records/model=<tag>/split=<split>/")] = "runs/extract"
@@ -86,7 +89,12 @@ class ExtractConfig:
 
     @property
     def model_key(self) -> str:
-        return self.tag or self.model
+        return self.tag or (factories.default_tag(self.model) if factories.is_factory(self.model) else self.model)
+
+    def backbone(self) -> Any:
+        """The backbone this config names (weights loaded, preprocessing with its overrides)."""
+        return get_backbone(self.model, weights=self.weights, normalization=self.normalization,
+                            input_size=self.input_size, resize=self.resize)
 
     def split_key(self, split: str) -> str:
         return schema.split_key(split, augment=self.augment, seed=self.seed)
@@ -136,7 +144,7 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
     actor's process first, as a benchmark's own backbone; ``None``: ``FeatureExtractor``).
     """
     source = source or parse_source(cfg.dataset)
-    pre = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization).preprocessing
+    pre = cfg.backbone().preprocessing
     ds = to_ray_dataset(source, split)
     ds = ds.map_batches(
         prepare_batch,
@@ -154,6 +162,8 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
             "model": cfg.model,
             "weights": cfg.weights,
             "normalization": cfg.normalization,
+            "input_size": cfg.input_size,
+            "resize": cfg.resize,
             "kmax": cfg.kmax,
             "use_gpu": res.use_gpu,
             "precision": cfg.precision,
@@ -180,6 +190,8 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
 
 def content_config(cfg: ExtractConfig, *, split: str, feature_dim: int) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in _CONTENT_FIELDS}
+    # set only: a partition extracted before these options existed keeps its hash
+    out.update({k: getattr(cfg, k) for k in ("input_size", "resize") if getattr(cfg, k) is not None})
     out["kmax"] = min(cfg.kmax, feature_dim)
     out["split"] = split
     return out
@@ -354,7 +366,7 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if head is None:
-        backbone = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization)
+        backbone = cfg.backbone()
         head = stored_head(backbone, weights=cfg.weights)
     manifest = _commit(cfg, summaries=summaries, part_fs=fs, part_path=path, staging_path=staging_path,
                        expected_rows=expected, manifest=manifest, head=head)
@@ -385,7 +397,7 @@ def check_extract(cfg: ExtractConfig) -> ExtractCheck:
     for split in cfg.splits:
         if split not in source.splits():
             raise ValueError(f"split {split!r} not in {cfg.dataset}; valid: {', '.join(source.splits())}")
-    backbone = get_backbone(cfg.model, weights=cfg.weights, normalization=cfg.normalization)
+    backbone = cfg.backbone()
     if backbone.num_classes != len(source.classes):
         log.warning("%s has %d classes but %s has %d", cfg.model, backbone.num_classes, cfg.dataset,
                     len(source.classes))

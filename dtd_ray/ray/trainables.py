@@ -65,6 +65,8 @@ FINETUNE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "model": "cifar_resnet20",
     "weights": "default",
     "normalization": None,
+    "input_size": None,
+    "resize": None,
     "dataset": None,
     "train_split": "train",
     "eval_split": "test",
@@ -252,7 +254,8 @@ def finetune_trainable(config: dict[str, Any]) -> None:
     device = resolve_device(cfg["use_gpu"])
     check_precision(cfg["precision"])  # before the (possibly slow) model load
 
-    backbone = get_backbone(cfg["model"], weights=cfg["weights"], normalization=cfg["normalization"])
+    backbone = get_backbone(cfg["model"], weights=cfg["weights"], normalization=cfg["normalization"],
+                            input_size=cfg["input_size"], resize=cfg["resize"])
     pre = backbone.preprocessing
     rt = Runtime(device=device, precision=cfg["precision"], mean=pre.mean, std=pre.std)
     head = DecomposedHead.from_linear(backbone.head, cfg["idx"])

@@ -53,9 +53,8 @@ def read_sweep(root: str) -> SweepOutput:
     fs, path = storage.resolve(root)
     config = storage.read_json(fs, f"{path}/sweep_config.json") or {}
     analysis = layout.read_table(storage.join(root, "decompose", "analysis"))
-    maps_files = {}
-    for f in storage.list_files(storage.join(root, "decompose", "maps"), suffix=".parquet", recursive=True):
-        maps_files[f.rsplit("/", 1)[-1][: -len(".parquet")]] = f
+    maps_files = {m: f for m in sorted(set(trials["model"]))
+                  if (f := layout.sweep_maps_file(root, model=str(m), sweep_config=config)) is not None}
     return SweepOutput(root=root, config=config, trials=trials, analysis=analysis, maps_files=maps_files)
 
 

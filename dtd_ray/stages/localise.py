@@ -39,7 +39,7 @@ from dtd_ray.core import localisation as loc
 from dtd_ray.core import selection
 from dtd_ray.data import canvas as canvas_lib
 from dtd_ray.data.transforms import prepare_batch
-from dtd_ray.io import schema, storage
+from dtd_ray.io import layout, schema, storage
 from dtd_ray.io.maptables import map_from_table
 from dtd_ray.models.runtime import Runtime, resolve_device
 from dtd_ray.stages.units import last_block_maps, load_unit_backbone, unit_source
@@ -90,18 +90,12 @@ class LocaliseConfig:
         return {k: getattr(self, k) for k in ("k", "canvas", "background", "n_images", "random_seeds", "seed", "split")}
 
 
-def _maps_file(files: list[str], model: str, sweep_cfg: dict[str, Any]) -> str:
-    """The model's maps file; where several selections exist, the one the sweep's config names."""
-    mine = [f for f in files if f.rsplit("/", 1)[-1] == f"{model}.parquet"]
-    if len(mine) > 1:
-        c = sweep_cfg.get("config", {})
-        want = (f"select_split={c.get('train_split', 'train')}", f"correct_only={str(c.get('correct_only', False)).lower()}")
-        mine = [f for f in mine if all(w in f for w in want)] or mine
-    if not mine:
-        raise FileNotFoundError(f"no maps for {model} under decompose/maps/ of the sweep folder")
-    if len(mine) > 1:
-        raise ValueError(f"{model}: several maps files ({', '.join(mine)}); keep one selection in the sweep folder")
-    return mine[0]
+def _maps_file(root: str, model: str, sweep_cfg: dict[str, Any]) -> str:
+    """The model's maps file, of the selection the sweep's config names."""
+    f = layout.sweep_maps_file(root, model=model, sweep_config=sweep_cfg)
+    if f is None:
+        raise FileNotFoundError(f"no maps for {model} of the sweep's selection under decompose/maps/ of {root}")
+    return f
 
 
 def localisation_set(*, unit: dict[str, Any], preprocessing: Any, split: str, n_images: int | None, seed: int,
@@ -259,8 +253,7 @@ def run_localise(cfg: LocaliseConfig) -> dict[str, Any]:
     if unknown or not models:
         raise ValueError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; the sweep has {', '.join(units)}")
     split = cfg.split or sweep_cfg.get("config", {}).get("eval_split", "test")
-    files = storage.list_files(storage.join(root, "decompose", "maps"), suffix=".parquet", recursive=True)
-    maps_files = {x: _maps_file(files, x, sweep_cfg) for x in models}  # every model checked before any work
+    maps_files = {x: _maps_file(root, x, sweep_cfg) for x in models}  # every model checked before any work
     out = (cfg.output or root).rstrip("/")
     out_dir = storage.join(out, "localisation")
     storage.check_writable(out_dir)

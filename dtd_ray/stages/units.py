@@ -57,7 +57,8 @@ def load_unit_backbone(unit: dict[str, Any]) -> Any:
     """The backbone of one resolved sweep unit (``sweep_config.json``'s ``resolved.units``), in eval mode,
     with the unit's normalization: the sweep's absolute weights path where it exists here, else the configured one."""
     weights = unit.get("weights_abs") if _exists(unit.get("weights_abs")) else _resolve_path(unit.get("weights"))
-    backbone = get_backbone(unit["backbone"], weights=weights, normalization=unit.get("normalization"))
+    backbone = get_backbone(unit["backbone"], weights=weights, normalization=unit.get("normalization"),
+                            input_size=unit.get("input_size"), resize=unit.get("resize"))
     return backbone.eval()
 
 

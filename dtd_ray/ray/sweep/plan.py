@@ -120,6 +120,8 @@ def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, s
         "normalization": unit.model.normalization,
         "dataset": unit.dataset,
         "kmax": cfg.kmax,
+        # set only: the trial ids of sweeps from before these options stay as they were
+        **{k: getattr(unit.model, k) for k in ("input_size", "resize") if getattr(unit.model, k) is not None},
         "train_split": cfg.train_split,
         "eval_split": cfg.eval_split,
         "select_augment": cfg.select_augment,
@@ -278,6 +280,8 @@ def extract_config(plan: SweepPlan, unit: Unit, *, use_gpu: bool | None = None) 
         model=unit.model.name,
         weights=unit.weights_abs,
         normalization=unit.model.normalization,
+        input_size=unit.model.input_size,
+        resize=unit.model.resize,
         dataset=unit.dataset_abs,
         splits=splits,
         output=plan.output,

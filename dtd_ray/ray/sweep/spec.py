@@ -23,6 +23,7 @@ from dtd_ray.config import config_class
 from dtd_ray.core import selection
 from dtd_ray.core.kgrid import k_shares, parse_k_grid
 from dtd_ray.io import storage
+from dtd_ray.models import factories
 from dtd_ray.models.runtime import PRECISIONS
 from dtd_ray.train import defaults
 
@@ -31,9 +32,11 @@ RETRAIN_MODES = ("none", "head", "finetune")
 
 @config_class
 class ModelSpec:
-    name: Annotated[str, Field(description="backbone registry name (dtd_ray.models.backbones.list_backbones())")] = "cifar_resnet20"
+    name: Annotated[str, Field(description="backbone registry name (dtd_ray.models.backbones.list_backbones()), or a model factory: module.path:callable or file.py:callable")] = "cifar_resnet20"
     weights: Annotated[str | None, Field(description="\"default\", a checkpoint file (may use ${data_root}), an http(s) URL, \"torchvision:<ENUM>\", null (random init)")] = "default"
     normalization: Annotated[str | None, Field(description="override the weights' mean/std: cifar10, imagenet, cifar100, fashion-mnist")] = None
+    input_size: Annotated[int | None, Field(description="override the input size in px (a model factory's default: 224)")] = None
+    resize: Annotated[int | None, Field(description="with input_size: resize the shorter side to this, then center-crop")] = None
     tag: Annotated[str | None, Field(description="records partition and `model` column (default: name); unique within a sweep")] = None
     datasets: Annotated[tuple[str, ...] | None, Field(description="this model's datasets (default: the sweep's datasets)")] = None
     batch_size: Annotated[int | None, Field(description="extraction batch size (default: the sweep's extract_batch_size)")] = None
@@ -48,7 +51,7 @@ class ModelSpec:
 
     @property
     def key(self) -> str:
-        return self.tag or self.name
+        return self.tag or (factories.default_tag(self.name) if factories.is_factory(self.name) else self.name)
 
 
 @config_class
@@ -170,7 +173,7 @@ def merge_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
         if key == "models":
             names = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else None
             if names is not None and all(isinstance(n, str) for n in names):
-                names = [s for n in names for s in n.split(",") if s]
+                names = list(config_lib.names(names))
                 out["models"] = _select_models(list(values.get("models") or []), names)
             else:
                 out["models"] = v
