@@ -132,10 +132,13 @@ def test_extract_job_with_a_factory_and_its_bad_cases(project, tmp_path):
 
 
 def test_sweep_with_a_factory_model_entry(project, tmp_path):
+    """jobs/sweep.py with a model entry naming the factory's file: extraction, decomposition, the
+    mode-none rows and a fine-tuning trial (which rebuilds the network from the factory)."""
     cfg = {"data_root": str(project), "datasets": ["imagefolder:${data_root}/data"],
            "models": [{"name": "my_nets.py:build", "weights": "${data_root}/w.th", "tag": "mine"}],
            "k": "1..2", "strategies": ["frequency", "weight_l1"], "kmax": 4, "extract_batch_size": 8,
-           "retrain": {"none": {}}, "random_seeds": 1, "noise_seeds": 1}
+           "retrain": {"none": {}, "finetune": {"k": [2], "strategies": ["frequency"], "batch_size": 8}},
+           "random_seeds": 1, "noise_seeds": 1}
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "sweep"
@@ -144,8 +147,10 @@ def test_sweep_with_a_factory_model_entry(project, tmp_path):
                        timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     trials = pd.read_parquet(out / "trials")
-    assert set(trials["model"]) == {"mine"} and len(trials) == 4  # k 1..2 × 2 strategies, mode none
-    assert trials["acc_full"].between(0, 100).all()
+    # k 1..2 × 2 strategies in mode none, and one fine-tune: the trial, in Tune's own trial folder, finds
+    # the factory's file (relative to the job's folder) too
+    assert set(trials["model"]) == {"mine"} and trials.groupby("retrain_mode").size().to_dict() == {"finetune": 1, "none": 4}
+    assert trials["acc_full"].between(0, 100).all() and trials["acc_retrained"].notna().sum() == 1
 
 
 def test_timm_factory_random_init_and_locally_saved_weights(tmp_path):

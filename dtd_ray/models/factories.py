@@ -20,6 +20,7 @@ A dotted module is imported as Python imports it (on a cluster, ``ray job submit
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -53,8 +54,11 @@ def default_tag(spec: str) -> str:
     return f"{stem}_{m['attr']}"
 
 
+@functools.cache
 def load_factory(spec: str) -> Callable[..., Any]:
-    """The callable ``spec`` names, imported now; a one-line ``ValueError`` where it cannot be."""
+    """The callable ``spec`` names, imported once per process (a backbone is built several times in a
+    run: its checks, the decode tasks' preprocessing, each model actor); a one-line ``ValueError``
+    where it cannot be (not cached: a fixed file is read again)."""
     if _TIMM.match(spec):
         return _timm_factory(_TIMM.match(spec)["name"])
     m = _SPEC.match(spec)
@@ -62,10 +66,11 @@ def load_factory(spec: str) -> Callable[..., Any]:
         raise ValueError(f"model {spec!r}: a factory is module.path:callable or path/to/file.py:callable")
     where, attr = m["where"], m["attr"]
     if where.endswith(".py"):
-        if not os.path.isfile(where):
+        path = _find_file(where)
+        if path is None:
             raise ValueError(f"model factory {spec!r}: no such file {where} (relative to {os.getcwd()})")
         try:
-            namespace = runpy.run_path(where)
+            namespace = runpy.run_path(path)
         except Exception as e:  # the user's file: whatever it raises is its own error, in one line
             raise ValueError(f"model factory {spec!r}: {where} failed to run: {type(e).__name__}: {e}") from None
     else:
@@ -79,6 +84,13 @@ def load_factory(spec: str) -> Callable[..., Any]:
         found = "nothing" if fn is None else f"a {type(fn).__name__}"
         raise ValueError(f"model factory {spec!r}: {where} has {found} named {attr}, not a callable")
     return fn
+
+
+def _find_file(where: str) -> str | None:
+    """``where`` relative to the working folder, or to the one a Ray Tune trial started from (Tune runs
+    each trial in its own folder and names the original in ``TUNE_ORIG_WORKING_DIR``)."""
+    bases = [""] if os.path.isabs(where) else ["", os.environ.get("TUNE_ORIG_WORKING_DIR", "")]
+    return next((os.path.join(b, where) for b in bases if os.path.isfile(os.path.join(b, where))), None)
 
 
 def factory_builder(spec: str) -> Callable[..., nn.Module]:
