@@ -8,15 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from dtd_ray.io import records, schema
 from dtd_ray.models.backbones import get_backbone
+from tests.test_reliability import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,13 +64,8 @@ def project(tmp_path_factory):
     """my_nets.py (the user's file), a 3-class 32-px image folder and weights saved from the factory's module."""
     root = tmp_path_factory.mktemp("factory")
     (root / "my_nets.py").write_text(NETS)
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in ("cat", "dog", "frog"):
-            d = root / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(5):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    for seed, split in enumerate(("train", "test")):
+        write_imagefolder(root / "data", 15, split=split, classes=3, seed=seed)
     torch.manual_seed(0)
     bb = get_backbone(f"{root}/my_nets.py:build", weights=None, num_classes=3)
     torch.save(bb.state_dict(), root / "w.th")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import re
 import runpy
@@ -107,9 +108,7 @@ def factory_builder(spec: str) -> Callable[..., nn.Module]:
     return build
 
 
-def _signature_of(fn: Callable[..., Any]):
-    import inspect
-
+def _signature_of(fn: Callable[..., Any]) -> inspect.Signature:
     try:
         return inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin or an extension type: options pass through unchecked
@@ -144,12 +143,11 @@ def _timm_factory(name: str) -> Callable[..., Any]:
         return timm.create_model(name, pretrained=False, **options)
 
     cfg = dict(timm.create_model(name, pretrained=False).pretrained_cfg)
-    channels, height, width = cfg.get("input_size", (3, 224, 224))
-    size = int(width)
+    channels, _, size = (int(v) for v in cfg.get("input_size", (3, 224, 224)))
     crop = float(cfg.get("crop_pct") or 1.0)
-    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    interpolation = cfg.get("interpolation")  # timm also names ones the decode step does not have
     build.preprocessing = Preprocessing(  # type: ignore[attr-defined]
-        mean=mean, std=std, size=size, resize=int(size / crop) if crop < 1.0 else None, channels=int(channels),
-        interpolation=cfg.get("interpolation", "bilinear") if cfg.get("interpolation") in ("bilinear", "bicubic")
-        else "bilinear")
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        size=size, resize=int(size / crop) if crop < 1.0 else None, channels=channels,
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear")
     return build
