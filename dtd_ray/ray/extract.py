@@ -136,15 +136,17 @@ def plan_resources(cfg: ExtractConfig) -> Resources:
 
 
 def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None,
-                   model_stage: type | None = None):
+                   model_stage: type | None = None, preprocessing: Any = None):
     """The Ray Dataset whose rows are per-file summaries (executing it writes the records).
 
     ``model_stage``: the callable class of the model stage in place of :class:`FeatureExtractor`,
     built in each actor with the same keyword arguments (a subclass that sets something up in the
     actor's process first, as a benchmark's own backbone; ``None``: ``FeatureExtractor``).
+    ``preprocessing``: the backbone's, where the caller has it (``check_extract`` does); else the
+    backbone is built here to read it.
     """
     source = source or parse_source(cfg.dataset)
-    pre = cfg.backbone().preprocessing
+    pre = preprocessing or cfg.backbone().preprocessing
     ds = to_ray_dataset(source, split)
     ds = ds.map_batches(
         prepare_batch,
@@ -279,12 +281,13 @@ def _format_rate(rows: int, seconds: float) -> str:
 
 
 def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, feature_dim: int, num_classes: int,
-                  head: dict[str, Any] | None = None, model_stage: type | None = None,
+                  head: dict[str, Any] | None = None, preprocessing: Any = None, model_stage: type | None = None,
                   on_stats: Callable[[PartitionStats], None] | None = None):
     """Extract one partition unless it is finished; returns its manifest (``status`` says which).
 
     ``head``: the backbone's final linear layer as :func:`dtd_ray.models.linear_head.stored_head`
-    gives it (``check_extract`` has it); built here where the caller has none.
+    gives it, and ``preprocessing`` its input record (``check_extract`` has both); built here where
+    the caller has none.
     """
     root = f"{cfg.output.rstrip('/')}/records"
     key = cfg.split_key(split)
@@ -312,7 +315,8 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
     print(f"[extract] {cfg.model_key}/{key}: {expected} inputs, {res.num_actors} "
           f"{'GPU' if res.use_gpu else 'CPU'} actor(s), batch {cfg.batch_size}", flush=True)
     t0 = time.perf_counter()
-    ds = build_pipeline(cfg, split=split, staging_uri=staging_uri, res=res, source=source, model_stage=model_stage)
+    ds = build_pipeline(cfg, split=split, staging_uri=staging_uri, res=res, source=source, model_stage=model_stage,
+                        preprocessing=preprocessing)
     summaries: list[dict[str, Any]] = []
     done = 0
     failure: tuple[str, str] | None = None
@@ -386,6 +390,8 @@ class ExtractCheck:
     num_classes: int
     # linear_head.stored_head of the backbone, written beside every partition (arrays: kept out of repr and ==).
     head: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # the backbone's input record, which the decode tasks receive: the checkpoint is not read again per split
+    preprocessing: Any = None
 
 
 def check_extract(cfg: ExtractConfig) -> ExtractCheck:
@@ -403,7 +409,7 @@ def check_extract(cfg: ExtractConfig) -> ExtractCheck:
                     len(source.classes))
     storage.check_writable(cfg.output)
     return ExtractCheck(source=source, feature_dim=backbone.feature_dim, num_classes=backbone.num_classes,
-                        head=stored_head(backbone, weights=cfg.weights))
+                        head=stored_head(backbone, weights=cfg.weights), preprocessing=backbone.preprocessing)
 
 
 def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None, model_stage: type | None = None,
@@ -423,7 +429,8 @@ def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None, model_s
     t0 = time.perf_counter()
     parts = [
         extract_split(cfg, split=s, res=res, source=source, feature_dim=plan.feature_dim,
-                      num_classes=plan.num_classes, head=plan.head, model_stage=model_stage, on_stats=on_stats)
+                      num_classes=plan.num_classes, head=plan.head, preprocessing=plan.preprocessing,
+                      model_stage=model_stage, on_stats=on_stats)
         for s in cfg.splits
     ]
     seconds = time.perf_counter() - t0
