@@ -132,6 +132,7 @@ def main(entry: str | Command | Mapping[str | None, Command] = "dtd-ray", argv: 
 COMMANDS = {
     "sweep": "dtd_ray.ray.commands:SWEEP",
     "extract": "dtd_ray.ray.commands:EXTRACT",
+    "pack": "dtd_ray.ray.commands:PACK",
     "decompose": "dtd_ray.ray.commands:DECOMPOSE",
     "train": "dtd_ray.ray.commands:TRAIN",
     "report": "dtd_ray.report.build:COMMAND",

@@ -32,6 +32,7 @@ fresh clone too); either way the sweep is small.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -404,6 +405,53 @@ def test_weights_from_the_store_are_read_checked_cached_and_a_missing_object_is_
     assert r.stderr.strip().splitlines()[-1] == (f"error: checkpoint 's3://{BUCKET}/weights/nope.th' is not an object "
                                                  "in the store")
     assert not s3.keys(BUCKET, "weights-missing")
+
+
+def test_packed_shards_to_and_from_the_store_give_the_folders_records(s3_cluster, s3, e2e_data, tmp_path, capsys):
+    """``jobs/pack.py`` local → ``s3://`` and ``s3://`` → local give the same shards; extraction
+    from ``parquet:s3://…`` gives the records of ``imagefolder:s3://…`` bit for bit; a pack on the
+    store resumes after a lost shard; a missing pack is one line."""
+    from dtd_ray.data.sources import parse_source
+    from dtd_ray.data import shards
+    from dtd_ray.ray.extract import ExtractConfig, run_extract
+    from dtd_ray.ray.pack import PackConfig, run_pack
+
+    up = f"s3://{BUCKET}/packs/{e2e_data.name}"
+    meta = run_pack(PackConfig(dataset=f"imagefolder:{e2e_data.local}", output=up, rows_per_file=64))
+    assert meta["splits"] == {"test": 200, "train": 300} and meta["written"] == 4 + 5
+    down = tmp_path / "pack"
+    run_pack(PackConfig(dataset=f"imagefolder:{e2e_data.uri}", output=str(down), rows_per_file=64, shared_fs=True))
+    keys = s3.keys(BUCKET, f"packs/{e2e_data.name}/")
+    for split, n_files in (("test", 4), ("train", 5)):
+        for i in range(n_files):
+            name = f"split={split}/{shards.shard_name(i)}"
+            body = s3.client().get_object(Bucket=BUCKET, Key=f"packs/{e2e_data.name}/{name}")["Body"].read()
+            local = pd.read_parquet(down / name)
+            remote = pd.read_parquet(io.BytesIO(body))
+            assert local.equals(remote), name  # the same rows from either side of the store
+    assert f"packs/{e2e_data.name}/{shards.CLASSES_NAME}" in keys
+
+    def extract(dataset: str, out: str) -> dict:
+        kw = {"normalization": e2e_data.normalization} if e2e_data.normalization else {}
+        run_extract(ExtractConfig(model="cifar_resnet20", weights=e2e_data.weights, dataset=dataset, splits=("test",),
+                                  output=out, tag="r20", kmax=8, batch_size=50, rows_per_file=64, use_gpu=False, **kw))
+        return records.load_records(f"{out}/records", model="r20", split="test")
+
+    a = extract(f"imagefolder:{e2e_data.uri}", f"s3://{BUCKET}/pack-x/folder")
+    b = extract(f"parquet:{up}", f"s3://{BUCKET}/pack-x/shards")
+    oa, ob = np.argsort(a["sample_id"]), np.argsort(b["sample_id"])
+    assert len(oa) == 200
+    for name in a:
+        assert np.array_equal(np.asarray(a[name])[oa], np.asarray(b[name])[ob]), name
+    # resumable on the store: a lost shard and the finishing marker, then only that shard is rewritten
+    c = s3.client()
+    c.delete_object(Bucket=BUCKET, Key=f"packs/{e2e_data.name}/split=train/{shards.shard_name(3)}")
+    c.delete_object(Bucket=BUCKET, Key=f"packs/{e2e_data.name}/{shards.CLASSES_NAME}")
+    capsys.readouterr()
+    assert run_pack(PackConfig(dataset=f"imagefolder:{e2e_data.local}", output=up, rows_per_file=64))["written"] == 1
+    assert "resuming, 436 of 500 images in place" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=rf"^parquet dataset folder not found: s3://{BUCKET}/packs/nope$"):
+        parse_source(f"parquet:s3://{BUCKET}/packs/nope")
 
 
 def test_store_stopped_mid_write_commits_nothing_and_the_rerun_completes_exactly_once(s3_cluster, s3, tmp_path):

@@ -4,11 +4,14 @@ A *source* is named by a one-line spec (``parse_source``):
 
 - ``imagefolder:PATH`` — ``PATH/<split>/<class>/<image>`` (the ImageNet/torchvision layout);
 - ``cifar10:PATH`` / ``cifar100:PATH`` — the python-pickle batches torchvision downloads;
-- ``fashion-mnist`` or ``fashion-mnist:PATH`` — the original IDX ``.gz`` files.
+- ``fashion-mnist`` or ``fashion-mnist:PATH`` — the original IDX ``.gz`` files;
+- ``parquet:PATH`` — an image folder packed into Parquet shards by ``jobs/pack.py``
+  (:mod:`dtd_ray.data.shards`): the same rows, ids and labels as the folder.
 
 Every source gives, per split, the columns ``sample_id`` (int64, stable across runs),
-``label`` (int32) and either ``image`` (N, H, W, C uint8; array sources) or ``path``
-(str; image folders, decoded later in CPU tasks so the driver never holds pixels).
+``label`` (int32) and one of ``image`` (N, H, W, C uint8; array sources), ``path``
+(str; image folders, decoded later in CPU tasks so the driver never holds pixels) or
+``image_bytes`` (the encoded files; packed shards, decoded like the folder's files).
 ``Source.read_numpy`` returns them; :func:`dtd_ray.ray.datasets.to_ray_dataset` makes a
 Ray Dataset of them, and :mod:`dtd_ray.data.transforms` prepares their pixels.
 """
@@ -26,12 +29,13 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from dtd_ray.data import shards
 from dtd_ray.io import storage
 
 
 log = logging.getLogger(__name__)
 
-KINDS = ("imagefolder", "cifar10", "cifar100", "fashion-mnist")
+KINDS = ("imagefolder", "parquet", "cifar10", "cifar100", "fashion-mnist")
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -77,12 +81,6 @@ _CIFAR_LAYOUT = {
     },
 }
 
-# Preprocessing.interpolation (torchvision's InterpolationMode values) -> PIL resampling
-# filter, as torchvision maps them for PIL images. PIL's filters are antialiased when shrinking.
-
-
-
-
 # ------------------------------------------------------------------------- sources
 @dataclass(frozen=True)
 class Source:
@@ -108,24 +106,44 @@ class Source:
                 fs, root = storage.resolve(self.path)
                 self._cache["splits"] = tuple(_subdirs(fs, root))
             return self._cache["splits"]
+        if self.kind == "parquet":
+            return tuple(self._pack()["splits"])
         if self.kind == "fashion-mnist":
             return tuple(_FASHION_MNIST_FILES)
         return tuple(_CIFAR_LAYOUT[self.kind]["splits"])
 
     def num_rows(self, split: str) -> int:
-        """Number of instances in ``split``."""
+        """Number of instances in ``split`` (a pack's from its ``_classes.json``: no shard is read)."""
+        if self.kind == "parquet":
+            self._check_split(split)
+            return int(self._pack()["splits"][split])
         return len(self._columns(split)["sample_id"])
+
+    def shard_files(self, split: str) -> list[str]:
+        """A packed split's Parquet files as filesystem paths, in sample_id order (``parquet:`` only)."""
+        if self.kind != "parquet":
+            raise ValueError(f"{self.kind}:{self.path} is not a packed (parquet:) dataset")
+        self._check_split(split)
+        meta = self._pack()
+        return shards.split_files(self.path, split, rows=int(meta["splits"][split]),
+                                  rows_per_file=int(meta["rows_per_file"]))
 
     def read_numpy(self, split: str) -> dict[str, np.ndarray]:
         """The rows of ``split`` as numpy columns, without Ray.
 
         ``sample_id`` int64 and ``label`` int32, plus ``image`` (N, H, W, C) uint8 for
-        array sources or ``path`` (N,) object array of str for image folders. The arrays
+        array sources, ``path`` (N,) object array of str for image folders, or ``image_bytes``
+        (N,) object array of bytes for packed shards (the whole split in memory). The arrays
         are shared with the instance's cache and read-only; copy before modifying.
         """
         return dict(self._columns(split))
 
     # -- internals ----------------------------------------------------------------
+    def _pack(self) -> dict[str, Any]:
+        if "pack" not in self._cache:
+            self._cache["pack"] = shards.read_pack(self.path)
+        return self._cache["pack"]
+
     def _check_split(self, split: str) -> None:
         splits = self.splits()
         if split not in splits:
@@ -139,6 +157,10 @@ class Source:
         if key not in self._cache:
             if self.kind == "imagefolder":
                 cols = _read_imagefolder_split(self.path, split, self.classes)
+            elif self.kind == "parquet":
+                meta = self._pack()
+                cols = shards.read_split(self.path, split, rows=int(meta["splits"][split]),
+                                         rows_per_file=int(meta["rows_per_file"]))
             elif self.kind == "fashion-mnist":
                 cols = _read_fashion_mnist_split(self.path, split)
             else:
@@ -174,6 +196,11 @@ def parse_source(spec: str) -> Source:
         raise FileNotFoundError(f"{kind} dataset folder not found: {uri}")
     if kind == "imagefolder":
         return _parse_imagefolder(uri, fs, root)
+    if kind == "parquet":
+        meta = shards.read_pack(uri)
+        source = Source(kind="parquet", path=uri, classes=tuple(str(c) for c in meta["classes"]))
+        source._cache["pack"] = meta
+        return source
     return _parse_cifar(kind, uri, fs, root)
 
 

@@ -23,6 +23,8 @@ _PIL_RESAMPLE = {"nearest": 0, "nearest-exact": 0, "lanczos": 1, "bilinear": 2, 
 AUGMENTS = ("cifar",)
 ON_BAD_INPUT = ("skip", "fail")
 PREPARED_COLUMNS = ("sample_id", "label", "image", "ok", "error")
+# A source row's pixels, one of: decoded arrays, a file to open, or a file's bytes (packed shards).
+INPUT_COLUMNS = ("image", "path", "image_bytes")
 
 
 class _BadInput(Exception):
@@ -70,6 +72,10 @@ def _array_to_channels(images: np.ndarray, channels: int) -> np.ndarray:
 def _decode(path: str) -> Image.Image:
     """Open and fully decode one file (local path or URI); raises _BadInput on failure (an object
     store's own failure, :func:`dtd_ray.io.storage.store_failed`, as the ``OSError`` it is)."""
+    return _decode_bytes(_read(path))
+
+
+def _read(path: str) -> bytes:
     try:
         if "://" in path:
             fs, p = storage.resolve(path)
@@ -82,6 +88,11 @@ def _decode(path: str) -> Image.Image:
         if storage.store_failed(path, e):  # the store's outage, not a bad image: fail the batch, commit nothing
             raise
         raise _BadInput(f"unreadable: {e.strerror or e}") from None
+    return data
+
+
+def _decode_bytes(data: bytes | None) -> Image.Image:
+    """Fully decode one encoded image (a file's bytes as they are); raises _BadInput on failure."""
     if not data:
         raise _BadInput("undecodable: empty file")
     try:
@@ -150,8 +161,9 @@ def prepare_batch(
 ) -> dict[str, np.ndarray]:
     """Decode / convert / resize a batch of source rows into model-ready uint8 pixels.
 
-    ``batch`` has ``sample_id``, ``label`` and either ``path`` (files, decoded with PIL)
-    or ``image`` ((N, H, W, C) uint8, or an object array of such images). Returns
+    ``batch`` has ``sample_id``, ``label`` and one of ``path`` (files, decoded with PIL),
+    ``image_bytes`` (the files' bytes, decoded the same way) or ``image`` ((N, H, W, C)
+    uint8, or an object array of such images). Returns
     ``sample_id`` int64, ``label`` int32, ``image`` (N, size, size, channels) uint8 —
     not normalised, the model does that on its device —, ``ok`` bool and ``error``
     (object array of str, empty when ok). A row that cannot be prepared (unreadable,
@@ -164,8 +176,8 @@ def prepare_batch(
         raise ValueError(f"unknown augment {augment!r}; valid: None, {', '.join(AUGMENTS)}")
     if on_bad_input not in ON_BAD_INPUT:
         raise ValueError(f"unknown on_bad_input {on_bad_input!r}; valid: {', '.join(ON_BAD_INPUT)}")
-    if "path" not in batch and "image" not in batch:
-        raise ValueError(f"batch needs a 'path' or 'image' column; got {', '.join(batch)}")
+    if not any(c in batch for c in INPUT_COLUMNS):
+        raise ValueError(f"batch needs one of the columns {', '.join(INPUT_COLUMNS)}; got {', '.join(batch)}")
 
     sample_id = np.asarray(batch["sample_id"], dtype=np.int64)
     label = np.asarray(batch["label"], dtype=np.int32)
@@ -181,14 +193,16 @@ def prepare_batch(
             raise ValueError(f"bad input {where}: {reason}")
         ok[i], error[i] = False, reason  # its pixels stay zero
 
-    if paths is not None:
+    encoded = batch.get("image_bytes")
+    if paths is not None or encoded is not None:
         # a module-wide PIL switch: force it off so truncated files fail instead of half-decoding
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
-            for i, path in enumerate(paths):
+            for i in range(n):
                 try:
-                    out[i] = _pil_fit(_pil_to_channels(_decode(str(path)), channels), size, resize, resample)
+                    img = _decode(str(paths[i])) if paths is not None else _decode_bytes(encoded[i])
+                    out[i] = _pil_fit(_pil_to_channels(img, channels), size, resize, resample)
                 except _BadInput as e:
                     bad(i, str(e))
         finally:

@@ -1,4 +1,4 @@
-"""The jobs that start Ray, as :class:`dtd_ray.cli.Command`: sweep, extract, decompose, train.
+"""The jobs that start Ray, as :class:`dtd_ray.cli.Command`: sweep, extract, pack, decompose, train.
 
 Each checks its inputs before Ray starts, then starts (or joins) Ray in :func:`session.start`:
 the only place, with the tests and the benchmarks, where this package calls ``ray.init``.
@@ -15,6 +15,7 @@ from dtd_ray.cli import Command
 from dtd_ray.ray import session
 from dtd_ray.ray.decompose_on_ray import decompose_on_ray
 from dtd_ray.ray.extract import ExtractConfig, check_extract, run_extract
+from dtd_ray.ray.pack import PackConfig, plan_pack, run_pack
 from dtd_ray.ray.sweep import describe, plan_sweep, run_sweep
 from dtd_ray.ray.sweep.spec import MODE_OPTIONS, RETRAIN_MODES, ModelSpec, RetrainSpec, SweepConfig, list_presets, load_config
 from dtd_ray.ray.train_on_ray import train_on_ray
@@ -60,6 +61,12 @@ def extract(cfg: ExtractConfig) -> None:
         run_extract(cfg, plan=plan)
 
 
+def pack(cfg: PackConfig) -> None:
+    planned = plan_pack(cfg)  # the folder is listed and the output checked before Ray starts
+    with session.start(verbose=cfg.verbose):
+        run_pack(cfg, planned=planned)
+
+
 def decompose(cfg: DecomposeConfig) -> None:
     if not needs_ray(cfg):
         run_decompose(cfg)
@@ -81,6 +88,8 @@ SWEEP = Command(
     config=SweepConfig, run=sweep, build=sweep_config, help=sweep_help())
 EXTRACT = Command(summary="Extract per-instance features and ranked top-k indices to Parquet records.",
                   config=ExtractConfig, run=extract)
+PACK = Command(summary="Pack an image folder into Parquet shards of encoded images (read them as parquet:OUTPUT).",
+               config=PackConfig, run=pack)
 DECOMPOSE = Command(
     summary="Decompose: records → frequency tables, class maps of every strategy, and their evaluation.",
     config=DecomposeConfig, run=decompose)

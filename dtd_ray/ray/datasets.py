@@ -10,7 +10,9 @@ import pyarrow as pa
 import ray
 from ray.data.block import BlockAccessor
 
+from dtd_ray.data import shards
 from dtd_ray.data.sources import Source
+from dtd_ray.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,13 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
     a task receives only its own block, never the whole array. Images become a
     fixed-shape tensor column. The result is already materialised: iterating it
     again (another epoch, another model) re-reads nothing from storage.
+
+    A packed dataset (``parquet:``) is streamed instead: ``ray.data.read_parquet`` over the
+    split's shards, one read task per shard, so the driver never holds the images' bytes
+    (columns ``sample_id``, ``label``, ``image_bytes``).
     """
+    if source.kind == "parquet":
+        return _read_shards(source, split, override_num_blocks=override_num_blocks)
     columns = source.read_numpy(split)
     n = len(columns["sample_id"])
     if override_num_blocks is not None and override_num_blocks < 1:
@@ -74,3 +82,13 @@ def _to_block(columns: dict[str, np.ndarray]) -> pa.Table:
             "path": pa.array(list(columns["path"]), type=pa.string()),
         }
     )
+
+
+def _read_shards(source: Source, split: str, *, override_num_blocks: int | None) -> ray.data.Dataset:
+    files = source.shard_files(split)
+    if not files:  # an empty split: read_parquet refuses an empty list
+        return ray.data.from_arrow(shards.SHARD_SCHEMA.empty_table().select(list(shards.READ_COLUMNS)))
+    fs, _ = storage.resolve(source.path)
+    # partitioning=None: the "split=" folder is the layout, not a column; the names and paths stay on storage.
+    return ray.data.read_parquet(files, filesystem=fs, columns=list(shards.READ_COLUMNS), partitioning=None,
+                                 override_num_blocks=override_num_blocks or len(files))

@@ -23,7 +23,7 @@ from torch import nn
 
 from dtd_ray.core import stats
 from dtd_ray.core.heads import DecomposedHead
-from dtd_ray.data.transforms import prepare_batch
+from dtd_ray.data.transforms import INPUT_COLUMNS, prepare_batch
 from dtd_ray.models.runtime import Runtime
 from dtd_ray.train.head import epoch_seed, percent
 
@@ -56,7 +56,7 @@ def _prepared_batches(
     while torch works on this one. Rows that cannot be prepared are dropped (logged by
     ``prepare_batch``).
     """
-    cols = [k for k in ("sample_id", "label", "image", "path") if k in rows]
+    cols = [k for k in ("sample_id", "label", *INPUT_COLUMNS) if k in rows]
 
     def prepare(sel: np.ndarray) -> dict[str, np.ndarray]:
         out = prepare_batch(
