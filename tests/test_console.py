@@ -7,6 +7,7 @@ actor pool, decomposition, one Tune trial) as a subprocess, quiet (the default) 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from dtd_ray import console
 
 from test_sweep import make_tiny_project, write_tiny_config
 
@@ -59,12 +62,14 @@ def test_quiet_console_shows_the_project_lines_and_not_rays(tiny_sweep):
     cpp = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\] ")
     noisy = [ln for ln in lines if any(s in ln for s in RAY_CHATTER) or cpp.match(ln)]
     assert not noisy, "Ray's own output on the console:\n" + "\n".join(noisy)
-    # The project's progress (with rates), trial lines and summary are all there.
-    assert any(ln.startswith("[extract] tiny/train: 18/18 (100%)") and "images/s" in ln for ln in lines), text
-    assert any(ln.startswith("[extract] tiny/test: wrote 18 rows") for ln in lines), text
-    assert any(ln.startswith("[sweep] head tiny frequency k=2: epoch 2/2 acc") for ln in lines), text
-    assert any(ln.startswith("[sweep] trial ") and " done (1/1): head tiny" in ln for ln in lines), text
+    # Off a terminal each stage ends with one progress line (count, rate, time); no line per epoch or trial.
+    assert any(re.match(r"\[extract\] tiny/train: 18/18 img \(100%\), .* img/s, \d+:\d\d, wrote 18 rows \(0 skipped\)$", ln) for ln in lines), text
+    assert any(ln.startswith("[extract] tiny/test: 18/18 img (100%)") and ln.endswith("wrote 18 rows (0 skipped)") for ln in lines), text
+    assert any(re.match(r"\[decompose\] tiny: (\d+)/\1 step \(100%\), .* rows -> ", ln) for ln in lines), text
+    assert any(ln.startswith("[sweep] head tiny: 1/1 trial (100%)") for ln in lines), text
+    assert not [ln for ln in lines if " epoch " in ln or " done (1/1)" in ln], text
     assert any(ln.startswith("[sweep] done: ran 7 trial(s)") for ln in lines), text
+    assert len(lines) < 40, text
 
 
 @pytest.mark.timeout(600)
@@ -73,3 +78,42 @@ def test_verbose_brings_rays_info_output_back(tiny_sweep):
     assert "INFO streaming_executor" in text  # Ray Data's execution plans
     assert "Configuration for experiment" in text  # Tune's experiment table
     assert "[sweep] done: ran 7 trial(s)" in text
+    lines = text.splitlines()
+    assert any(ln.startswith("[sweep] head tiny frequency k=2: epoch 2/2 acc") for ln in lines), text
+    assert any(ln.startswith("[sweep] trial ") and " done (1/1): head tiny" in ln for ln in lines), text
+
+
+def test_lines_off_a_terminal_print_a_few_lines_with_rate_and_eta(monkeypatch):
+    monkeypatch.delenv("DTD_PROGRESS", raising=False)
+    out = io.StringIO()  # not a TTY
+    assert console.mode(out) == "lines"
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    with console.progress(total=100, desc="[t] s", unit="img", stream=out, interval=1.5) as bar:
+        bar.update(10)  # t=1: under the interval, no line
+        bar.update(40)  # t=2: a line, with its ETA
+        bar.update(50)  # t=3: the stage is complete: only the end line
+        bar.set_postfix_str("wrote x")
+    assert out.getvalue().splitlines() == [
+        "[t] s: 50/100 img (50%), 25 img/s, 0:02, ETA 0:02",
+        "[t] s: 100/100 img (100%), 25 img/s, 0:04, wrote x",
+    ]
+
+
+def test_progress_mode_follows_the_terminal_and_dtd_progress(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("DTD_PROGRESS", raising=False)
+    assert console.mode(Tty()) == "bar"
+    monkeypatch.setenv("DTD_PROGRESS", "off")
+    out = io.StringIO()
+    with console.progress(total=3, desc="[t] q", unit="it", stream=out, interval=0) as bar:
+        bar.update(1)
+        bar.update(1)
+    assert out.getvalue().splitlines() == [ln for ln in out.getvalue().splitlines() if "2/3 it (67%)" in ln]
+    assert len(out.getvalue().splitlines()) == 1  # off: the end line only
+    monkeypatch.setenv("DTD_PROGRESS", "loud")
+    with pytest.raises(ValueError, match="DTD_PROGRESS='loud': expected one of bar, lines, off"):
+        console.mode(out)

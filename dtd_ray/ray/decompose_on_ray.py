@@ -41,6 +41,6 @@ def extract_select(cfg: stage.DecomposeConfig, eval_manifest: dict[str, Any]) ->
 HOOKS = stage.RayHooks(reduce=reduce_on_ray, extract_select=extract_select)
 
 
-def decompose_on_ray(cfg: stage.DecomposeConfig) -> dict[str, Any]:
+def decompose_on_ray(cfg: stage.DecomposeConfig, *, brief: bool = False) -> dict[str, Any]:
     """:func:`dtd_ray.stages.decompose.run_decompose` with the Ray steps available."""
-    return stage.run_decompose(cfg, hooks=HOOKS)
+    return stage.run_decompose(cfg, hooks=HOOKS, brief=brief)

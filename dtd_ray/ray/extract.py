@@ -36,6 +36,7 @@ import ray
 from pydantic import Field
 
 from dtd_ray import config as config_lib
+from dtd_ray import console
 from dtd_ray.config import config_class
 from dtd_ray.data.sources import parse_source
 from dtd_ray.data.transforms import prepare_batch
@@ -276,10 +277,6 @@ def _drop_traceback(e: BaseException) -> None:
         stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
 
 
-def _format_rate(rows: int, seconds: float) -> str:
-    return f"{rows / seconds:,.0f}" if seconds > 0 else "n/a"
-
-
 def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, feature_dim: int, num_classes: int,
                   head: dict[str, Any] | None = None, preprocessing: Any = None, model_stage: type | None = None,
                   on_stats: Callable[[PartitionStats], None] | None = None):
@@ -320,13 +317,13 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
     summaries: list[dict[str, Any]] = []
     done = 0
     failure: tuple[str, str] | None = None
+    bar = console.progress(total=expected, desc=f"[extract] {cfg.model_key}/{key}", unit="img")
     try:
         for row in ds.iter_rows():
             summaries.append(row)
-            done += int(row["rows"]) + len(json.loads(row["skipped"]))
-            dt = time.perf_counter() - t0
-            print(f"[extract] {cfg.model_key}/{key}: {done}/{expected} ({100 * done / max(expected, 1):.0f}%), "
-                  f"{_format_rate(done, dt)} images/s", flush=True)
+            n = int(row["rows"]) + len(json.loads(row["skipped"]))
+            done += n
+            bar.update(n)
     except Exception as e:  # a UDF raised (bad input with on_bad_input="fail", a failed write, …)
         failure = failure_cause(e)
         log.debug("%s/%s: Ray Data execution failed:\n%s", cfg.model_key, key, str(e))  # text: pins nothing
@@ -342,6 +339,7 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
     del ds
     gc.collect()
     if failure is not None:
+        bar.close()
         # Raised outside the except block, so the new error carries no reference to Ray's.
         try:  # best effort: frees the space of the rows already staged (a rerun starts clean anyway)
             storage.remove_tree(fs, staging_path)
@@ -369,13 +367,15 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
         "num_actors": res.num_actors,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if head is None:
-        backbone = cfg.backbone()
-        head = stored_head(backbone, weights=cfg.weights)
-    manifest = _commit(cfg, summaries=summaries, part_fs=fs, part_path=path, staging_path=staging_path,
-                       expected_rows=expected, manifest=manifest, head=head)
-    print(f"[extract] {cfg.model_key}/{key}: wrote {manifest['rows']} rows ({manifest['skipped']} skipped) "
-          f"in {seconds:.1f} s, {_format_rate(expected, seconds)} images/s", flush=True)
+    try:
+        if head is None:
+            backbone = cfg.backbone()
+            head = stored_head(backbone, weights=cfg.weights)
+        manifest = _commit(cfg, summaries=summaries, part_fs=fs, part_path=path, staging_path=staging_path,
+                           expected_rows=expected, manifest=manifest, head=head)
+        bar.set_postfix_str(f"wrote {manifest['rows']} rows ({manifest['skipped']} skipped)")
+    finally:
+        bar.close()
     if stats is not None:
         on_stats(stats)
     return {**manifest, "status": "written"}

@@ -35,6 +35,7 @@ import pandas as pd
 
 from pydantic import Field
 
+from dtd_ray import console
 from dtd_ray.cli import Command
 from dtd_ray.config import config_class
 from dtd_ray.core import heads, localisation, selection
@@ -423,27 +424,31 @@ def build_atlas(cfg: AtlasConfig) -> dict[str, Any]:
     models = list(cfg.models) if cfg.models is not None else \
         [k for k in units if k in in_trials] + sorted(in_trials - set(units))  # the config's order
     nav, body, left_out = [], [], []
+    bar = console.progress(total=len(models), desc="[atlas] models", unit="model")
     for key in models:
-        if key not in units or key not in sw.maps_files:
-            left_out.append(f"{key}: no resolved unit or maps in the sweep folder")
-            continue
-        print(f"[atlas] {key}", flush=True)
         try:
-            d = _model_data(cfg, sw, units[key], os.path.join(out, key), split)
-        except (FileNotFoundError, ValueError) as e:  # no records, no such map: this model only
-            left_out.append(f"{key}: {str(e).splitlines()[0]}")
-            continue
-        size = d.tile
-        left_out += [f"{key}: {n}" for n in d.notes]
-        C = d.idx.shape[0]
-        sections = [_class_section(cfg, d, c, f"{key}/", size) for c in range(C)]
-        if C > cfg.per_class_pages_over:  # ImageNet-size: the index links one page per class
-            for c, s in enumerate(sections):
-                with open(os.path.join(out, key, f"class_{c}.html"), "w") as fh:
-                    fh.write(_page(f"{key} class {c}", s.replace(f'src="{key}/', 'src="')))
-            sections = [f'<p><a href="{_e(key)}/class_{c}.html">class {c}</a></p>' for c in range(C)]
-        body.append(_overview(cfg, d) + "\n" + "\n".join(sections))
-        nav.append(f'<a href="#{_e(key)}">{_e(key)}</a>')
+            if key not in units or key not in sw.maps_files:
+                left_out.append(f"{key}: no resolved unit or maps in the sweep folder")
+                continue
+            try:
+                d = _model_data(cfg, sw, units[key], os.path.join(out, key), split)
+            except (FileNotFoundError, ValueError) as e:  # no records, no such map: this model only
+                left_out.append(f"{key}: {str(e).splitlines()[0]}")
+                continue
+            size = d.tile
+            left_out += [f"{key}: {n}" for n in d.notes]
+            C = d.idx.shape[0]
+            sections = [_class_section(cfg, d, c, f"{key}/", size) for c in range(C)]
+            if C > cfg.per_class_pages_over:  # ImageNet-size: the index links one page per class
+                for c, s in enumerate(sections):
+                    with open(os.path.join(out, key, f"class_{c}.html"), "w") as fh:
+                        fh.write(_page(f"{key} class {c}", s.replace(f'src="{key}/', 'src="')))
+                sections = [f'<p><a href="{_e(key)}/class_{c}.html">class {c}</a></p>' for c in range(C)]
+            body.append(_overview(cfg, d) + "\n" + "\n".join(sections))
+            nav.append(f'<a href="#{_e(key)}">{_e(key)}</a>')
+        finally:
+            bar.update(1)
+    bar.close()
     resolved = {"sweep": sw.root, "k": cfg.k, "strategy": cfg.strategy, "compare": cfg.compare, "top": cfg.top,
                 "split": split, "sweep_config": sw.config.get("config", {}), "units": list(units.values())}
     head = (f"<h1>Feature atlas: {_e(conf.get('name', os.path.basename(sw.root)))}</h1>"

@@ -16,6 +16,7 @@ import pandas as pd
 
 from pydantic import Field
 
+from dtd_ray import console
 from dtd_ray.cli import Command
 from dtd_ray.config import config_class
 from dtd_ray.core import selection, stats
@@ -118,12 +119,13 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     cams: list[dict[str, Any]] = []
     units = {u["key"]: u for u in sw.config.get("resolved", {}).get("units", [])}
     eval_split = sw.config.get("config", {}).get("eval_split", "test")
-    if cfg.cam_images > 0:
-        for model in (cfg.cam_models if cfg.cam_models is not None else list(models["model"])):
+    cam_models = (cfg.cam_models if cfg.cam_models is not None else list(models["model"])) if cfg.cam_images > 0 else []
+    with console.progress(total=len(cam_models), desc="[report] activation maps", unit="model") as bar:
+        for model in cam_models:
             if model not in units or model not in sw.maps_files:
                 cams.append({"model": model, "shown": 0, "reason": "no resolved unit or maps for it in the sweep folder"})
+                bar.update(1)
                 continue
-            print(f"[report] activation maps of {model}", flush=True)
             try:
                 info = cam_figure(unit=units[model], maps_file=sw.maps_files[model], k=cfg.k, strategy=cfg.cam_strategy,
                                   n_images=cfg.cam_images, max_classes=cfg.cam_classes, split=eval_split,
@@ -134,8 +136,9 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
             if info.get("shown"):
                 plots[f"Activation maps, {model}"] = f"plots/cam_{model}.png"
             else:
-                print(f"[report] no activation maps for {model}: {info.get('reason')}", flush=True)
+                bar.write(f"[report] no activation maps for {model}: {info.get('reason')}")
             cams.append(info)
+            bar.update(1)
 
     extraction = extraction_table(sw.root)
     with open(os.path.join(work, EXTRACTION_FILE), "w") as f:

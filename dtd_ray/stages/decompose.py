@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
+from dtd_ray import console
 from dtd_ray import config as config_lib
 from dtd_ray.config import config_class
 from dtd_ray.core import analysis, counting, heads, selection
@@ -373,21 +374,37 @@ TIE_BREAKS = {
 }
 
 
-def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dict[str, Any]:
+def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None, brief: bool = False) -> dict[str, Any]:
     """The whole job; returns a summary with the evaluation DataFrame under ``"eval"``.
 
     ``hooks`` carries the Ray steps (``engine="ray"``, ``extract_missing``); without them
-    those options are refused in one line.
+    those options are refused in one line. The steps show as one progress display; ``brief``
+    (a sweep's decomposition) leaves out the comparison tables, keeping the warnings.
     """
     t0 = time.perf_counter()
     clock = {"start": t0}
+    steps = ["load", "reduce", "select", "load_eval", "evaluate"] + (["analysis"] if cfg.analysis_k is not None else [])
+    bar = console.progress(total=len(steps) + 1, desc=f"[decompose] {cfg.model}", unit="step")
 
     def lap(name: str) -> None:
         now = time.perf_counter()
         timings[name] = now - clock["start"]
         clock["start"] = now
+        bar.update(1)
 
     timings: dict[str, float] = {}
+    try:
+        out = _run_steps(cfg, hooks=hooks, lap=lap, timings=timings, t0=t0, bar=bar)
+    finally:
+        bar.close()
+    print_report(cfg, df=out["eval"], maps=out["maps"], grid=out.pop("grid"), manifest=out["manifest"],
+                 psi_median=out.pop("psi_median"), brief=brief)
+    return out
+
+
+def _run_steps(cfg: DecomposeConfig, *, hooks: RayHooks | None, lap: Any, timings: dict[str, float], t0: float,
+               bar: Any) -> dict[str, Any]:
+    """The steps of :func:`run_decompose`, each ended by ``lap(name)``."""
     inputs = load_inputs(cfg, hooks=hooks)
     lap("load")
     freq = reduce_stage(cfg, grid=inputs.grid, hooks=hooks)
@@ -422,9 +439,10 @@ def run_decompose(cfg: DecomposeConfig, *, hooks: RayHooks | None = None) -> dic
                                   psi_info=psi_info, warnings=warnings, written=written, timings=timings)
     fs, path = storage.resolve(cfg.output)
     storage.write_json(fs, f"{path}/_manifests/{cfg.partition(eval_tables=True)}/{cfg.model}.json", manifest)
-    print_report(cfg, df=df, maps=maps, grid=inputs.grid, manifest=manifest,
-                 psi_median=None if psi_info is None else psi_info["psi_median"])
-    return {"eval": df, "analysis": adf, "manifest": manifest, "freq": freq, "maps": maps}
+    bar.set_postfix_str(f"{len(df)} rows -> {written['eval']}")
+    bar.update(1)
+    return {"eval": df, "analysis": adf, "manifest": manifest, "freq": freq, "maps": maps, "grid": inputs.grid,
+            "psi_median": None if psi_info is None else psi_info["psi_median"]}
 
 
 def export_json(cfg: DecomposeConfig, *, maps: list[selection.ClassMap], kmax: int) -> list[str]:

@@ -42,12 +42,18 @@ def print_report(
     grid: np.ndarray,
     manifest: dict[str, Any],
     psi_median: np.ndarray | None,
+    brief: bool = False,
 ) -> None:
-    """The comparison tables (accuracy, channels used), imported maps, essentiality, Ψ, warnings."""
+    """The comparison tables (accuracy, channels used), imported maps, essentiality, Ψ, warnings;
+    ``brief``: the warnings only."""
     m = int(manifest["head"]["feature_dim"])
     n = int(manifest["eval"]["rows"])
     asummary, warnings, timings = manifest["analysis"], manifest["warnings"], manifest["timings_s"]
     written = manifest["outputs"]
+    if brief:
+        for w_ in warnings:
+            print(f"[decompose] warning: {w_}", flush=True)
+        return
     ks = _print_ks(cfg, grid)
     print(f"[decompose] {cfg.model}: maps from {cfg.select_key}"
           f"{' (correct only)' if cfg.correct_only else ''}, evaluated on {cfg.split} ({n} instances); "

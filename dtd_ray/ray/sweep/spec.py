@@ -111,7 +111,7 @@ class SweepConfig:
     dry_run: Annotated[bool, Field(description="print the plan (units and trials) and exit without running anything")] = False
     report: Annotated[bool, Field(description="write report.md and plots/ into the output (a local folder or s3://…) after the trials (jobs/report.py)")] = True
     atlas: Annotated[bool, Field(description="write the feature atlas into <output>/atlas after the report, for a local output (jobs/atlas.py)")] = True
-    verbose: Annotated[bool, Field(description="show Ray's and Tune's own INFO output")] = False
+    verbose: Annotated[bool, Field(description="a line per epoch and per trial, the summary at every k, and Ray's and Tune's own INFO output")] = False
 
     def __post_init__(self) -> None:
         # models may still be raw (names given on the command line); load_config and

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from ray import tune
 
+from dtd_ray import console
 from dtd_ray.core import stats
 from dtd_ray.io import records, schema
 from dtd_ray.models.linear_head import load_head
@@ -122,14 +123,19 @@ def _float(v: Any) -> float | None:
 
 
 class RowWriter(tune.Callback):
-    """On the driver: prints each trial's progress and writes its row the moment it finishes.
+    """On the driver: writes each trial's row the moment it finishes, and shows the Tuner's progress.
 
     ``rows`` holds each trial's columns known before it runs, ``configs`` what its row's
     ``config`` column records; ``failed`` collects the trials that ended without a row.
+    ``bar`` (a :func:`dtd_ray.console.progress`) advances by one per finished trial; a line
+    per epoch and per trial only with ``verbose``. A failure always prints.
     """
 
-    def __init__(self, *, output: str, rows: dict[str, dict[str, Any]], configs: dict[str, dict], total: int) -> None:
+    def __init__(self, *, output: str, rows: dict[str, dict[str, Any]], configs: dict[str, dict], total: int,
+                 bar: Any, verbose: bool = False) -> None:
         self.output = output
+        self.bar = bar
+        self.verbose = verbose
         self.rows = rows
         self.configs = configs
         self.total = total
@@ -140,18 +146,21 @@ class RowWriter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.config["trial_id"]
         self.history.setdefault(tid, []).append(dict(result))
+        if not self.verbose:
+            return
         r = self.rows[tid]
         acc = result.get("acc_eval")
-        print(f"[sweep] {r['retrain_mode']} {r['model']} {r['strategy']} k={r['k2']}: epoch "
+        self.bar.write(f"[sweep] {r['retrain_mode']} {r['model']} {r['strategy']} k={r['k2']}: epoch "
               f"{result.get('epoch', '?')}/{r['epochs']} acc {acc if acc is None else f'{acc:.2f}'} % "
-              f"(decomposed {r['acc_decomposed']:.2f} %, full {r['acc_full']:.2f} %)", flush=True)
+              f"(decomposed {r['acc_decomposed']:.2f} %, full {r['acc_full']:.2f} %)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid = trial.config["trial_id"]
         hist = [h for h in self.history.get(tid, []) if "acc_eval" in h]
         if not hist:
             self.failed.append(tid)
-            print(f"[sweep] trial {tid} finished without reporting acc_eval: no row written", flush=True)
+            self.bar.write(f"[sweep] trial {tid} finished without reporting acc_eval: no row written")
+            self.bar.update(1)
             return
         first, last = hist[0], hist[-1]
         ckpt = getattr(trial, "checkpoint", None)
@@ -169,15 +178,18 @@ class RowWriter(tune.Callback):
         )
         path = write_trial_row(self.output, row)
         self.done += 1
-        print(f"[sweep] trial {tid} done ({self.done}/{self.total}): {row['retrain_mode']} {row['model']} "
-              f"{row['strategy']} k={row['k2']} acc {row['acc_retrained']:.2f} % -> {path}", flush=True)
+        if self.verbose:
+            self.bar.write(f"[sweep] trial {tid} done ({self.done}/{self.total}): {row['retrain_mode']} {row['model']} "
+                           f"{row['strategy']} k={row['k2']} acc {row['acc_retrained']:.2f} % -> {path}")
+        self.bar.update(1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid = trial.config["trial_id"]
         self.failed.append(tid)
         r = self.rows[tid]
-        print(f"[sweep] trial {tid} failed ({r['retrain_mode']} {r['model']} "
-              f"{r['strategy']} k={r['k2']}); see {getattr(trial, 'path', '')}", flush=True)
+        self.bar.write(f"[sweep] trial {tid} failed ({r['retrain_mode']} {r['model']} "
+                       f"{r['strategy']} k={r['k2']}); see {getattr(trial, 'path', '')}")
+        self.bar.update(1)
 
 
 def run_tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], *, maps: dict[str, np.ndarray],
@@ -210,9 +222,11 @@ def run_tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], *, maps: dict[st
     trainable = tune.with_resources(tune.with_parameters(_run_trial, **kwargs), resources)
     label = units[0].key + (f"+{len(units) - 1}" if len(units) > 1 else "") if units else "all"
     name = f"{plan.cfg.name}-{mode}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    writer = RowWriter(output=plan.output, rows=full_rows, configs=configs, total=len(todo))
-    print(f"[sweep] {mode}{' ' + ','.join(u.key for u in units) if units else ''}: {len(todo)} Tune trial(s), {resources} each"
-          f"{f', at most {conc} at once' if conc else ''} -> {plan.output}/tune/{name}", flush=True)
+    bar = console.progress(total=len(todo), desc=f"[sweep] {mode} {label}", unit="trial")
+    writer = RowWriter(output=plan.output, rows=full_rows, configs=configs, total=len(todo), bar=bar,
+                       verbose=plan.cfg.verbose)
+    bar.write(f"[sweep] {mode}{' ' + ','.join(u.key for u in units) if units else ''}: {len(todo)} Tune trial(s), {resources} each"
+          f"{f', at most {conc} at once' if conc else ''} -> {plan.output}/tune/{name}")
     tuner = tune.Tuner(
         trainable,
         param_space={"trial_id": tune.grid_search([t.trial_id for t in todo])},
@@ -232,7 +246,10 @@ def run_tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], *, maps: dict[st
             verbose=0,
         ),
     )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        bar.close()
     failed = set(writer.failed)
     for r in grid:
         if r.error is not None:
