@@ -278,7 +278,7 @@ def test_fashion_mnist_installed_package():
 def test_spec_errors_are_one_line(tmp_path, image_tree):
     with pytest.raises(ValueError) as e:
         parse_source("imagenet:/data")
-    assert "imagefolder, cifar10, cifar100, fashion-mnist" in str(e.value) and "\n" not in str(e.value)
+    assert "imagefolder, parquet, cifar10, cifar100, fashion-mnist" in str(e.value) and "\n" not in str(e.value)
 
     missing = tmp_path / "nope"
     for spec in (f"imagefolder:{missing}", f"cifar10:{missing}", f"fashion-mnist:{missing}"):

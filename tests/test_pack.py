@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -202,3 +203,25 @@ def test_a_packed_split_decodes_like_the_folder_outside_ray(folder, tmp_path):
     for name in ("sample_id", "label", "image", "ok", "error"):
         assert np.array_equal(a[name], b[name]), name
     assert (~a["ok"]).sum() == 3
+
+
+def test_read_rows_gives_any_range_of_a_split_from_its_row_groups(tmp_path, monkeypatch):
+    """Rows [lo, hi) across shard and row-group boundaries equal the same slice of the whole split."""
+    monkeypatch.setattr(shards, "ROW_GROUP_ROWS", 3)  # shards of 7 rows: groups of 3, 3, 1
+    n, r = 23, 7
+    files = []
+    for i, (lo, hi) in enumerate(shards.shard_bounds(n, r)):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        paths = []
+        for j in range(lo, hi):
+            (tmp_path / "img" / f"{j}.bin").write_bytes(bytes([j]) * (j + 1))
+            paths.append(str(tmp_path / "img" / f"{j}.bin"))
+        uri = str(tmp_path / "pack" / f"{shards.SPLIT_PREFIX}test" / shards.shard_name(i))
+        shards.write_shard(uri=uri, sample_id=np.arange(lo, hi), label=np.arange(lo, hi) % 3,
+                           class_name=["c"] * (hi - lo), rel_path=[f"c/{j}" for j in range(lo, hi)], paths=paths)
+        files.append(uri)
+    assert pq.ParquetFile(files[0]).num_row_groups == 3
+    whole = pa.concat_tables(pq.read_table(f, columns=list(shards.READ_COLUMNS)) for f in files)
+    for lo, hi in [(0, 23), (0, 1), (2, 3), (3, 6), (5, 9), (6, 7), (7, 14), (4, 20), (22, 23), (9, 9)]:
+        got = shards.read_rows(str(tmp_path / "pack"), "test", lo=lo, hi=hi, rows_per_file=r)
+        assert got.equals(whole.slice(lo, hi - lo)), (lo, hi)

@@ -48,6 +48,10 @@ PLAN_NAME = "_pack.json"  # "_": outside Parquet dataset discovery (pandas reads
 CLASSES_NAME = "_classes.json"
 SPLIT_PREFIX = "split="
 PACK_VERSION = 1
+# Rows per Parquet row group: a reader of rows [lo, hi) reads the groups that hold them, so
+# extraction can cut a split into the same blocks as from the folder (whatever rows_per_file)
+# while reading at most two groups' worth of rows it does not use.
+ROW_GROUP_ROWS = 64
 # Concurrent reads per shard: an object store answers each GET after a round trip, so a shard of
 # a thousand small images is read by a few threads at once (a local disk does not mind).
 _READ_THREADS = 16
@@ -101,7 +105,7 @@ def write_shard(*, uri: str, sample_id: np.ndarray, label: np.ndarray, class_nam
     }, schema=SHARD_SCHEMA)
     fs, path = storage.resolve(uri)
     # Encoded images do not compress further, and a dictionary of a thousand unique blobs costs more than it saves.
-    storage.write_parquet(fs, path, table, use_dictionary=["class_name"])
+    storage.write_parquet(fs, path, table, use_dictionary=["class_name"], row_group_size=ROW_GROUP_ROWS)
     return table.num_rows
 
 
@@ -141,6 +145,34 @@ def split_files(uri: str, split: str, *, rows: int, rows_per_file: int) -> list[
     return [f"{root}/{SPLIT_PREFIX}{split}/{shard_name(i)}" for i in range(len(shard_bounds(rows, rows_per_file)))]
 
 
+def read_shard(fs: pafs.FileSystem, path: str) -> pa.Table:
+    """One shard's ``sample_id``, ``label`` and ``image_bytes`` columns."""
+    return pq.read_table(path, columns=list(READ_COLUMNS), filesystem=fs)
+
+
+def read_rows(uri: str, split: str, *, lo: int, hi: int, rows_per_file: int) -> pa.Table:
+    """Rows ``[lo, hi)`` of a finished split (the :data:`READ_COLUMNS`), from the row groups that hold them.
+
+    Shard ``i`` holds rows ``[i·r, (i+1)·r)`` (r = ``rows_per_file``); within it, row group ``g``
+    the ``g``-th run of the file's row-group sizes, read from its footer.
+    """
+    fs, root = storage.resolve(uri)
+    parts = []
+    for i in range(lo // rows_per_file, (hi - 1) // rows_per_file + 1 if hi > lo else 0):
+        start = i * rows_per_file
+        with fs.open_input_file(f"{root}/{SPLIT_PREFIX}{split}/{shard_name(i)}") as f:
+            pf = pq.ParquetFile(f)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            ends = np.cumsum(sizes) + start
+            groups = [g for g in range(len(sizes)) if ends[g] > lo and ends[g] - sizes[g] < hi]
+            first = int(ends[groups[0]] - sizes[groups[0]])
+            t = pf.read_row_groups(groups, columns=list(READ_COLUMNS))
+        parts.append(t.slice(max(lo - first, 0), min(hi, int(ends[groups[-1]])) - max(lo, first)))
+    if not parts:
+        return SHARD_SCHEMA.empty_table().select(list(READ_COLUMNS))
+    return pa.concat_tables(parts)
+
+
 def read_split(uri: str, split: str, *, rows: int, rows_per_file: int) -> dict[str, np.ndarray]:
     """A whole split's ``sample_id``, ``label`` and ``image_bytes`` (object array of bytes) as numpy columns.
 
@@ -152,7 +184,7 @@ def read_split(uri: str, split: str, *, rows: int, rows_per_file: int) -> dict[s
     if not files:
         return {"sample_id": np.zeros(0, np.int64), "label": np.zeros(0, np.int32),
                 BYTES: np.empty(0, dtype=object)}
-    table = pa.concat_tables(pq.read_table(f, columns=list(READ_COLUMNS), filesystem=fs) for f in files)
+    table = pa.concat_tables(read_shard(fs, f) for f in files)
     if table.num_rows != rows:
         raise ValueError(f"parquet dataset {uri} split {split!r}: {table.num_rows} rows in its shards, "
                          f"{CLASSES_NAME} says {rows}")

@@ -107,7 +107,7 @@ class Source:
                 self._cache["splits"] = tuple(_subdirs(fs, root))
             return self._cache["splits"]
         if self.kind == "parquet":
-            return tuple(self._pack()["splits"])
+            return tuple(self.pack_info()["splits"])
         if self.kind == "fashion-mnist":
             return tuple(_FASHION_MNIST_FILES)
         return tuple(_CIFAR_LAYOUT[self.kind]["splits"])
@@ -116,17 +116,16 @@ class Source:
         """Number of instances in ``split`` (a pack's from its ``_classes.json``: no shard is read)."""
         if self.kind == "parquet":
             self._check_split(split)
-            return int(self._pack()["splits"][split])
+            return int(self.pack_info()["splits"][split])
         return len(self._columns(split)["sample_id"])
 
-    def shard_files(self, split: str) -> list[str]:
-        """A packed split's Parquet files as filesystem paths, in sample_id order (``parquet:`` only)."""
+    def pack_info(self) -> dict[str, Any]:
+        """A packed dataset's ``_classes.json`` (classes, ``rows_per_file``, rows per split; ``parquet:`` only)."""
         if self.kind != "parquet":
             raise ValueError(f"{self.kind}:{self.path} is not a packed (parquet:) dataset")
-        self._check_split(split)
-        meta = self._pack()
-        return shards.split_files(self.path, split, rows=int(meta["splits"][split]),
-                                  rows_per_file=int(meta["rows_per_file"]))
+        if "pack" not in self._cache:
+            self._cache["pack"] = shards.read_pack(self.path)
+        return self._cache["pack"]
 
     def read_numpy(self, split: str) -> dict[str, np.ndarray]:
         """The rows of ``split`` as numpy columns, without Ray.
@@ -139,10 +138,6 @@ class Source:
         return dict(self._columns(split))
 
     # -- internals ----------------------------------------------------------------
-    def _pack(self) -> dict[str, Any]:
-        if "pack" not in self._cache:
-            self._cache["pack"] = shards.read_pack(self.path)
-        return self._cache["pack"]
 
     def _check_split(self, split: str) -> None:
         splits = self.splits()
@@ -158,7 +153,7 @@ class Source:
             if self.kind == "imagefolder":
                 cols = _read_imagefolder_split(self.path, split, self.classes)
             elif self.kind == "parquet":
-                meta = self._pack()
+                meta = self.pack_info()
                 cols = shards.read_split(self.path, split, rows=int(meta["splits"][split]),
                                          rows_per_file=int(meta["rows_per_file"]))
             elif self.kind == "fashion-mnist":

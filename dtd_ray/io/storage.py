@@ -204,28 +204,28 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 
 def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table, *,
-                  use_dictionary: bool | Sequence[str] = True) -> str:
+                  use_dictionary: bool | Sequence[str] = True, row_group_size: int | None = None) -> str:
     """Write ``table`` as one Parquet file at ``path``, atomically: readers see the whole file or none.
 
     The one Parquet writer of the project. On a local disk the file is written under a
     ``_tmp-…`` name in the same folder (pyarrow's dataset discovery ignores names that
     start with ``_``) and renamed into place; an object store puts whole objects, so a
     put is already atomic. Creates the parent folder. ``use_dictionary``: pyarrow's (every
-    column, or the column paths named). Returns ``path``.
+    column, or the column paths named); ``row_group_size``: pyarrow's (``None``: its default). Returns ``path``.
     """
     parent, name = path.rsplit("/", 1)
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{parent}/_tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
         try:
-            pq.write_table(table, tmp, filesystem=fs, use_dictionary=use_dictionary)
+            pq.write_table(table, tmp, filesystem=fs, use_dictionary=use_dictionary, row_group_size=row_group_size)
             fs.move(tmp, path)
         except BaseException:
             if exists(fs, tmp):
                 fs.delete_file(tmp)
             raise
     else:
-        pq.write_table(table, path, filesystem=fs, use_dictionary=use_dictionary)
+        pq.write_table(table, path, filesystem=fs, use_dictionary=use_dictionary, row_group_size=row_group_size)
     return path
 
 

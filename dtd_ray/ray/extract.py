@@ -148,7 +148,7 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
     """
     source = source or parse_source(cfg.dataset)
     pre = preprocessing or cfg.backbone().preprocessing
-    ds = to_ray_dataset(source, split)
+    ds = to_ray_dataset(source, split, read_cpus=res.prepare_cpus)
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input},
