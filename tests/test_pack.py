@@ -225,3 +225,29 @@ def test_read_rows_gives_any_range_of_a_split_from_its_row_groups(tmp_path, monk
     for lo, hi in [(0, 23), (0, 1), (2, 3), (3, 6), (5, 9), (6, 7), (7, 14), (4, 20), (22, 23), (9, 9)]:
         got = shards.read_rows(str(tmp_path / "pack"), "test", lo=lo, hi=hi, rows_per_file=r)
         assert got.equals(whole.slice(lo, hi - lo)), (lo, hi)
+
+
+def test_a_subset_of_rows_is_the_same_seeded_rows_from_the_folder_and_the_shards(ray_local, folder, tmp_path):
+    """``max_rows``: the seeded subset (sources.subset_positions) of a split, the same records from either source."""
+    from dtd_ray.data.sources import subset_positions
+
+    out = tmp_path / "packed"
+    _pack(folder, out)
+    keep = subset_positions(num_rows=18, max_rows=11, seed=0)
+    assert len(keep) == 11 and (np.diff(keep) > 0).all()
+    assert (subset_positions(num_rows=18, max_rows=11, seed=0) == keep).all()  # the same rows every time
+    assert subset_positions(num_rows=18, max_rows=18, seed=0) is None
+    got = {}
+    for name, dataset in (("folder", f"imagefolder:{folder / 'data'}"), ("pack", f"parquet:{out}")):
+        run_extract(ExtractConfig(model="cifar_resnet20", weights=str(folder / "ckpt.th"), dataset=dataset,
+                                  output=str(tmp_path / name), kmax=10, batch_size=8, rows_per_file=5, tag="tiny",
+                                  splits=("train",), max_rows={"train": 11}))
+        got[name] = records.load_records(str(tmp_path / name / "records"), model="tiny", split="train")
+        man = records.read_manifest(str(tmp_path / name / "records"), model="tiny", split="train")
+        assert man["rows"] + man["skipped"] == 11 and man["content"]["max_rows"] == 11
+    ids = parse_source(f"imagefolder:{folder / 'data'}").read_numpy("train")["sample_id"][keep]
+    skipped = {int(x["sample_id"]) for x in records.read_manifest(
+        str(tmp_path / "folder" / "records"), model="tiny", split="train")["skipped_items"]}
+    assert sorted(int(i) for i in got["folder"]["sample_id"]) == sorted(set(int(i) for i in ids) - skipped)
+    for col in got["folder"]:
+        assert np.array_equal(np.asarray(got["folder"][col]), np.asarray(got["pack"][col])), col

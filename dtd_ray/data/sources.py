@@ -166,6 +166,21 @@ class Source:
         return self._cache[key]
 
 
+def subset_positions(*, num_rows: int, max_rows: int | None, seed: int) -> np.ndarray | None:
+    """The row positions of a seeded random subset of at most ``max_rows`` of ``num_rows`` rows,
+    in row order (``None``: every row). Random, not the first rows: image folders list rows class
+    by class, so the first rows would be one class.
+
+    ``positions = sort(choice(num_rows, max_rows, replace=False))`` drawn with
+    ``numpy.random.default_rng([seed, 1])``: the same rows for the same seed, in every process.
+    """
+    if max_rows is None or max_rows >= num_rows:
+        return None
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    return np.sort(np.random.default_rng([int(seed), 1]).choice(num_rows, size=int(max_rows), replace=False))
+
+
 def parse_source(spec: str) -> Source:
     """A ``Source`` from a spec ``KIND:PATH`` (``fashion-mnist`` alone uses the OS package).
 

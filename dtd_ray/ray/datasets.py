@@ -28,8 +28,9 @@ _ARRAY_BLOCK_BYTES = 4 << 20
 
 
 def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | None = None,
-                   read_cpus: float = 1.0) -> ray.data.Dataset:
-    """The rows of ``split`` as a Ray Dataset with the same columns as ``read_numpy``.
+                   read_cpus: float = 1.0, rows: np.ndarray | None = None) -> ray.data.Dataset:
+    """The rows of ``split`` (only those at the sorted positions ``rows``, where given) as a Ray
+    Dataset with the same columns as ``read_numpy``.
 
     The driver cuts the columns into ``override_num_blocks`` contiguous blocks of
     about equal size (default: 512 rows per block for image folders, about 4 MiB of
@@ -45,8 +46,10 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
     whole CPU may never be free beside the model actors.
     """
     if source.kind == "parquet":
-        return _read_shards(source, split, override_num_blocks=override_num_blocks, read_cpus=read_cpus)
+        return _read_shards(source, split, override_num_blocks=override_num_blocks, read_cpus=read_cpus, rows=rows)
     columns = source.read_numpy(split)
+    if rows is not None:
+        columns = {name: col[rows] for name, col in columns.items()}
     n = len(columns["sample_id"])
     if override_num_blocks is not None and override_num_blocks < 1:
         raise ValueError(f"override_num_blocks must be >= 1, got {override_num_blocks}")
@@ -91,8 +94,10 @@ def _to_block(columns: dict[str, np.ndarray]) -> pa.Table:
     )
 
 
-def _read_shards(source: Source, split: str, *, override_num_blocks: int | None, read_cpus: float) -> ray.data.Dataset:
-    n = source.num_rows(split)
+def _read_shards(source: Source, split: str, *, override_num_blocks: int | None, read_cpus: float,
+                 rows: np.ndarray | None) -> ray.data.Dataset:
+    pos = np.arange(source.num_rows(split)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(pos)
     if not n:
         return ray.data.from_arrow(shards.SHARD_SCHEMA.empty_table().select(list(shards.READ_COLUMNS)))
     r = int(source.pack_info()["rows_per_file"])
@@ -101,12 +106,21 @@ def _read_shards(source: Source, split: str, *, override_num_blocks: int | None,
     # running a model actor never has free (the extraction waited forever on the three-node test
     # cluster), and its blocks follow the files. These blocks are the folder's (same bounds), so
     # the model stage sees the same batches and the records match the folder's bit for bit.
-    ranges = ray.data.from_arrow([pa.table({"lo": [int(lo)], "hi": [int(hi)]}) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    # Block j holds the rows at positions pos[a:b]: read [pos[a], pos[b-1] + 1), keep those ("take").
+    ranges = ray.data.from_arrow([
+        pa.table({"lo": [int(pos[a])], "hi": [int(pos[b - 1]) + 1],
+                  "take": pa.array([None if rows is None else (pos[a:b] - pos[a]).tolist()], type=pa.list_(pa.int64()))})
+        for a, b in zip(bounds[:-1], bounds[1:])])
     return ranges.map_batches(_read_rows, fn_kwargs={"uri": source.path, "split": split, "rows_per_file": r},
                               batch_size=None, batch_format="pyarrow", num_cpus=read_cpus)
 
 
 def _read_rows(batch: pa.Table, *, uri: str, split: str, rows_per_file: int) -> pa.Table:
-    """The rows of the ``[lo, hi)`` ranges of a block (in a Ray task: the filesystem is resolved there)."""
-    return pa.concat_tables(shards.read_rows(uri, split, lo=lo, hi=hi, rows_per_file=rows_per_file)
-                            for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist()))
+    """The rows of the ``[lo, hi)`` ranges of a block, those at ``take`` where given (in a Ray task: the
+    filesystem is resolved there)."""
+    parts = []
+    for lo, hi, take in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(),
+                            batch.column("take").to_pylist()):
+        t = shards.read_rows(uri, split, lo=lo, hi=hi, rows_per_file=rows_per_file)
+        parts.append(t if take is None else t.take(take))
+    return pa.concat_tables(parts)

@@ -32,13 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import numpy as np
 import ray
 from pydantic import Field
 
 from dtd_ray import config as config_lib
 from dtd_ray import console
 from dtd_ray.config import config_class
-from dtd_ray.data.sources import parse_source
+from dtd_ray.data.sources import parse_source, subset_positions
 from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.io import records, schema, storage
 from dtd_ray.models import factories
@@ -75,6 +76,7 @@ class ExtractConfig:
     augment: Annotated[str | None, Field(description="\"cifar\": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>")] = None
     seed: Annotated[int, Field(description="seed of the augmentation (per instance: (seed, sample_id))")] = 0
     on_bad_input: Annotated[str, Field(description="\"skip\": count undecodable / wrong-size images in the manifest; \"fail\": stop at the first")] = "skip"
+    max_rows: Annotated[dict[str, int] | None, Field(description="split -> extract at most this many of its rows: a seeded random subset (--seed), e.g. {train: 20000}")] = None
     rows_per_file: Annotated[int, Field(description="rows per Parquet file (also the granularity of the progress lines); small enough that writing overlaps the model")] = 4096
     overwrite: Annotated[bool, Field(description="recompute partitions even when finished with the same config")] = False
     verbose: Annotated[bool, Field(description="show Ray's and Tune's own INFO output")] = False
@@ -87,6 +89,10 @@ class ExtractConfig:
         check_precision(self.precision)
         if self.on_bad_input not in ("skip", "fail"):
             raise ValueError(f"on_bad_input must be 'skip' or 'fail', got {self.on_bad_input!r}")
+        if self.max_rows is not None:
+            bad = {k: v for k, v in self.max_rows.items() if int(v) < 1}
+            if bad:
+                raise ValueError(f"max_rows must be >= 1 per split, got {bad}")
 
     @property
     def model_key(self) -> str:
@@ -99,6 +105,11 @@ class ExtractConfig:
 
     def split_key(self, split: str) -> str:
         return schema.split_key(split, augment=self.augment, seed=self.seed)
+
+    def rows_of(self, source: Any, split: str) -> np.ndarray | None:
+        """The positions of the rows of ``split`` to extract (``None``: all), after ``max_rows``."""
+        cap = (self.max_rows or {}).get(split)
+        return subset_positions(num_rows=source.num_rows(split), max_rows=cap, seed=self.seed)
 
 
 # Fields that change what a partition holds; the others (resources, batch sizes, paths) do not.
@@ -148,7 +159,7 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
     """
     source = source or parse_source(cfg.dataset)
     pre = preprocessing or cfg.backbone().preprocessing
-    ds = to_ray_dataset(source, split, read_cpus=res.prepare_cpus)
+    ds = to_ray_dataset(source, split, read_cpus=res.prepare_cpus, rows=cfg.rows_of(source, split))
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input},
@@ -197,6 +208,12 @@ def content_config(cfg: ExtractConfig, *, split: str, feature_dim: int) -> dict[
     out.update({k: getattr(cfg, k) for k in ("input_size", "resize") if getattr(cfg, k) is not None})
     out["kmax"] = min(cfg.kmax, feature_dim)
     out["split"] = split
+    # set only where they change the content, so that earlier partitions keep their hash: a subset,
+    # and a precision other than the device's default (bf16 features differ from fp32 ones)
+    if (cfg.max_rows or {}).get(split) is not None:
+        out["max_rows"] = int(cfg.max_rows[split])
+    if cfg.precision != "auto":
+        out["precision"] = cfg.precision
     return out
 
 
@@ -308,7 +325,8 @@ def extract_split(cfg: ExtractConfig, *, split: str, res: Resources, source, fea
     fs.create_dir(staging_path, recursive=True)
     staging_uri = f"{uri}/{staging_path.rsplit('/', 1)[1]}"
 
-    expected = source.num_rows(split)
+    subset = cfg.rows_of(source, split)
+    expected = source.num_rows(split) if subset is None else len(subset)
     print(f"[extract] {cfg.model_key}/{key}: {expected} inputs, {res.num_actors} "
           f"{'GPU' if res.use_gpu else 'CPU'} actor(s), batch {cfg.batch_size}", flush=True)
     t0 = time.perf_counter()

@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
 from dtd_ray.core import localisation, selection
 from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.io.maptables import map_from_table
 from dtd_ray.models.runtime import Runtime
-from dtd_ray.report.plots import figure
 from dtd_ray.stages.units import last_block_maps, load_unit_backbone, unit_source
 
 def class_activation_maps(*, feature_maps: Any, channels: Any, size: int) -> np.ndarray:
@@ -102,7 +102,11 @@ def cam_figure(
     classes = list(src.classes)[:C]
     rows_c = sorted({p[0] for p in picked})
     ncol = 5 * n_images  # per image: image | selected, random (shared scale) | selected, random (own scale)
-    fig = figure(1.2 * ncol + 0.45 * n_images, 1.3 * len(rows_c) + 1.0)
+    w, h = 1.2 * ncol + 0.45 * n_images, 1.3 * len(rows_c) + 1.0
+    # A fixed grid, not the report's constrained layout: its solver over this figure's hundred-odd
+    # axes and colour bars took most of the report's time, and every panel here has the same size.
+    fig = Figure(figsize=(w, h), dpi=110)
+    fig.subplots_adjust(left=0.8 / w, right=1 - 0.1 / w, top=1 - 0.7 / h, bottom=0.85 / h, wspace=0.5, hspace=0.3)
     axes = fig.subplots(len(rows_c), ncol, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -111,7 +115,6 @@ def cam_figure(
     # gives the scale. Own scale: each map from 0 to its own maximum, so where a weak map puts
     # its mass stays visible (a shared scale alone would hide it).
     ratio = []
-    own_axes = []
     for r, c in enumerate(rows_c):
         items = [p for p in picked if p[0] == c]
         for j, (_, img, ms, mr_) in enumerate(items):
@@ -133,17 +136,15 @@ def cam_figure(
                     im = ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=top)
                     if col == 1:
                         shared = im
-                    if col >= 3:
-                        own_axes.append(ax)
                 if r == 0:
                     ax.set_title(title, fontsize=6)
-            cb = fig.colorbar(shared, ax=[axes[r, 5 * j + 1], axes[r, 5 * j + 2]], location="right",
-                              fraction=0.04, pad=0.01, aspect=12)
+            # in the gap right of the pair it scales (an inset: the panels keep their size)
+            cb = fig.colorbar(shared, cax=axes[r, 5 * j + 2].inset_axes([1.04, 0.0, 0.06, 1.0]))
             cb.ax.tick_params(labelsize=5)
             axes[r, 5 * j].text(-0.1, 0.5, classes[c] if j == 0 else "", transform=axes[r, 5 * j].transAxes,
                                 ha="right", va="center", fontsize=7)
     own = ScalarMappable(norm=Normalize(0, 1), cmap="jet")
-    cb = fig.colorbar(own, ax=own_axes, location="bottom", fraction=0.03, pad=0.02, aspect=40, shrink=0.5)
+    cb = fig.colorbar(own, cax=fig.add_axes((0.3, 0.45 / h, 0.4, 0.1 / h)), orientation="horizontal")
     cb.set_label("own scale: the map over its own maximum", fontsize=6)
     cb.ax.tick_params(labelsize=5)
     fig.suptitle(f"{unit['key']}: last-block channels of the class's map (k = {k}) vs random channels", fontsize=9)

@@ -23,22 +23,17 @@ from torch import nn
 
 from dtd_ray.core import stats
 from dtd_ray.core.heads import DecomposedHead
+from dtd_ray.data.sources import subset_positions
 from dtd_ray.data.transforms import INPUT_COLUMNS, prepare_batch
 from dtd_ray.models.runtime import Runtime
 from dtd_ray.train.head import epoch_seed, percent
 
 
 def subset_rows(*, rows: Mapping[str, np.ndarray], max_rows: int | None, seed: int) -> dict[str, np.ndarray]:
-    """At most ``max_rows`` rows of a source's columns: a seeded random subset kept in row order
-    (image folders list rows class by class, so the first rows would be one class)."""
+    """At most ``max_rows`` rows of a source's columns (:func:`dtd_ray.data.sources.subset_positions`)."""
     rows = dict(rows)
-    n = len(rows["sample_id"])
-    if max_rows is None or max_rows >= n:
-        return rows
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    keep = np.sort(np.random.default_rng([int(seed), 1]).choice(n, size=int(max_rows), replace=False))
-    return {k: v[keep] for k, v in rows.items()}
+    keep = subset_positions(num_rows=len(rows["sample_id"]), max_rows=max_rows, seed=seed)
+    return rows if keep is None else {k: v[keep] for k, v in rows.items()}
 
 
 def _prepared_batches(

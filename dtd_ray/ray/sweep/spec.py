@@ -96,11 +96,13 @@ class SweepConfig:
     retrain: Annotated[Any, Field(description="retrain mode -> options (see \"Retrain modes\"); flags merge into the config's")] = field(default_factory=lambda: {"none": {}})
     modes: Annotated[tuple[str, ...] | None, Field(description="run only these of the configured retrain modes, e.g. none,head (default: all)")] = None
     train_split: Annotated[str, Field(description="split the maps are selected from and heads are retrained on")] = "train"
+    train_rows: Annotated[int | None, Field(description="extract and use a seeded random subset of this many train_split rows (None: all); eval_split is always whole")] = None
     eval_split: Annotated[str, Field(description="split every accuracy is measured on")] = "test"
     select_augment: Annotated[str | None, Field(description="select the maps from an augmented pass of train_split (\"cifar\", as the paper's maps)")] = None
     correct_only: Annotated[bool, Field(description="count only correctly classified instances when selecting maps")] = False
     kmax: Annotated[int, Field(description="ranked feature indices stored per instance (≥ the largest k of frequency)")] = 64
     extract_batch_size: Annotated[int, Field(description="images per extraction batch (use 1024+ on a GPU)")] = 256
+    extract_precision: Annotated[str, Field(description="extraction's precision: \"auto\" (fp16 autocast on GPU, fp32 on CPU), \"fp32\", \"tf32\", \"bf16\" or \"fp16\"")] = "auto"
     use_gpu: Annotated[bool | None, Field(description="None: GPUs when the cluster has some; true: wait for the autoscaler to add a GPU node")] = None
     gpu_wait_s: Annotated[float, Field(description="with use_gpu true and no GPU yet: seconds to wait for one")] = 900.0
     seed: Annotated[int, Field(description="seed of the random strategy, augmentation and training")] = 0
@@ -116,6 +118,10 @@ class SweepConfig:
     def __post_init__(self) -> None:
         # models may still be raw (names given on the command line); load_config and
         # plan_sweep validate the entries.
+        if self.train_rows is not None and self.train_rows < 1:
+            raise ValueError(f"train_rows must be >= 1, got {self.train_rows}")
+        if self.extract_precision not in PRECISIONS:
+            raise ValueError(f"extract_precision must be one of {', '.join(PRECISIONS)}, got {self.extract_precision!r}")
         if isinstance(self.models, (tuple, str, dict)):
             self.models = [self.models] if isinstance(self.models, (str, dict)) else list(self.models)
         if self.retrain is None:
