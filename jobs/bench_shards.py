@@ -16,6 +16,7 @@ out; ``overhead_us`` is the median over repeats of the paired per-image differen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,11 @@ from pydantic import Field
 from dtd_ray import cli
 from dtd_ray import config as config_lib
 from dtd_ray.ray import benchmark as bm
+
+try:  # run as a script, jobs/ is on sys.path; imported (the tests), the jobs package is
+    import bench_extract
+except ImportError:
+    from jobs import bench_extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORES = ("local", "s3")
@@ -70,16 +76,14 @@ def write_folder(dest: str, *, small: int, full: int) -> None:
 
 
 def run_store(cfg: ShardBenchConfig, *, store: str, sources: dict[str, str], tmp: str) -> dict[str, Any]:
-    from bench_extract import TINY, TinyExtractor
-
     from dtd_ray.ray.extract import ExtractConfig
 
     def one(kind: str, split: str) -> dict[str, Any]:
         out = tempfile.mkdtemp(prefix="out_", dir=tmp)
         try:
-            ecfg = ExtractConfig(model=TINY, dataset=sources[kind], splits=(split,), output=out, kmax=64,
+            ecfg = ExtractConfig(model=bench_extract.TINY, weights=None, dataset=sources[kind], splits=(split,), output=out, kmax=64,
                                  batch_size=cfg.batch_size, use_gpu=False)
-            return bm.ray_run(ecfg, verbose=False, model_stage=TinyExtractor)
+            return bm.ray_run(ecfg, verbose=False, model_stage=bench_extract.TinyExtractor)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -105,13 +109,14 @@ def run_store(cfg: ShardBenchConfig, *, store: str, sources: dict[str, str], tmp
 
 
 def main(cfg: ShardBenchConfig) -> dict[str, Any]:
-    import cloudpickle
     import ray
+    from ray import cloudpickle
 
-    import bench_extract
+    from dtd_ray.ray import session
     from dtd_ray.ray.pack import PackConfig, run_pack
 
     cloudpickle.register_pickle_by_value(bench_extract)  # the actors get the proxy's classes with the job
+    bench_extract.register_tiny()  # the driver checks the backbone before Ray runs it
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tmp = tempfile.mkdtemp(prefix="bench_shards_", dir=cfg.tmp)
     server = None
@@ -128,15 +133,16 @@ def main(cfg: ShardBenchConfig) -> dict[str, Any]:
             os.environ.update(server.env)
             server.upload_dir(folder, "bench", "folder")
             locs["s3"] = {"folder": "s3://bench/folder", "shards": "s3://bench/pack"}
-        ray.init(log_to_driver=False, configure_logging=False)
         stores = []
-        for store in cfg.stores:
-            run_pack(PackConfig(dataset=f"imagefolder:{folder}", output=locs[store]["shards"],
-                                rows_per_file=cfg.rows_per_file))
-            sources = {"folder": f"imagefolder:{locs[store]['folder']}", "shards": f"parquet:{locs[store]['shards']}"}
-            stores.append(run_store(cfg, store=store, sources=sources, tmp=tmp))
+        # before Ray starts (its workers inherit the store's environment), or in a running one (the tests')
+        with contextlib.nullcontext() if ray.is_initialized() else session.start():
+            for store in cfg.stores:
+                run_pack(PackConfig(dataset=f"imagefolder:{folder}", output=locs[store]["shards"],
+                                    rows_per_file=cfg.rows_per_file))
+                sources = {"folder": f"imagefolder:{locs[store]['folder']}",
+                           "shards": f"parquet:{locs[store]['shards']}"}
+                stores.append(run_store(cfg, store=store, sources=sources, tmp=tmp))
     finally:
-        ray.shutdown()
         if server is not None:
             server.close()
         shutil.rmtree(tmp, ignore_errors=True)
