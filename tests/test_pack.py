@@ -11,7 +11,6 @@ round trip (folder on S3 → pack on S3 → extraction) is in ``tests/test_s3.py
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

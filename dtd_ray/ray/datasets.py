@@ -12,7 +12,6 @@ from ray.data.block import BlockAccessor
 
 from dtd_ray.data import shards
 from dtd_ray.data.sources import Source
-from dtd_ray.io import storage
 
 log = logging.getLogger(__name__)
 
