@@ -50,7 +50,9 @@ def _clock(seconds: float) -> str:
 class Lines:
     """The bar's stand-in off a terminal: ``desc: n/total (p%), rate, ETA`` every ``interval`` s, and at the end."""
 
-    def __init__(self, *, total: int | None, desc: str, unit: str, interval: float, stream: TextIO, quiet: bool) -> None:
+    def __init__(self, *, total: int | None, desc: str, unit: str, interval: float, stream: TextIO | None,
+                 quiet: bool) -> None:
+        # stream None: sys.stdout when a line is printed (whatever it is by then: a test's capture swaps it)
         self.total, self.desc, self.unit, self.interval, self.stream = total, desc, unit, interval, stream
         self.n = 0
         self.postfix = ""
@@ -69,7 +71,7 @@ class Lines:
         self.postfix = text
 
     def write(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         if not self._closed:
@@ -84,7 +86,7 @@ class Lines:
         if not final and self.total and self.n:
             tail += f", ETA {_clock(elapsed * (self.total - self.n) / self.n)}"
         extra = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {done} {self.unit}{pct}{tail}{extra}", file=self.stream, flush=True)
+        print(f"{self.desc}: {done} {self.unit}{pct}{tail}{extra}", file=self.stream or sys.stdout, flush=True)
 
     def __enter__(self) -> Lines:
         return self
@@ -103,7 +105,7 @@ def progress(*, total: int | None, desc: str, unit: str = "it", stream: TextIO |
 
         return tqdm(total=total, desc=desc, unit=unit, file=stream or sys.stderr, dynamic_ncols=True,
                     unit_scale=unit in ("img", "row"), smoothing=0.1)
-    return Lines(total=total, desc=desc, unit=unit, stream=stream or sys.stdout, quiet=how == "off",
+    return Lines(total=total, desc=desc, unit=unit, stream=stream, quiet=how == "off",
                  interval=LINE_INTERVAL_S if interval is None else interval)
 
 

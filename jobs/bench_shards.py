@@ -1,6 +1,6 @@
 """Benchmark: extraction from packed shards (``parquet:``) against the same images as a folder.
 
-    python jobs/bench_shards.py                              # local disk and the S3 test server, 3 repeats
+    python -m jobs.bench_shards                  # from the project's root: local disk and the S3 test server
     python jobs/bench_shards.py --stores local --repeats 5
 
 Both sources hold the same PNGs: the first Fashion-MNIST train images written as an image folder
@@ -31,9 +31,9 @@ from dtd_ray import cli
 from dtd_ray import config as config_lib
 from dtd_ray.ray import benchmark as bm
 
-try:  # run as a script, jobs/ is on sys.path; imported (the tests), the jobs package is
+try:  # python jobs/bench_shards.py: jobs/ is on sys.path
     import bench_extract
-except ImportError:
+except ImportError:  # python -m jobs.bench_shards, or imported by the tests
     from jobs import bench_extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,11 @@ def main(cfg: ShardBenchConfig) -> dict[str, Any]:
         write_folder(folder, small=cfg.small, full=cfg.full)
         locs = {"local": {"folder": folder, "shards": os.path.join(tmp, "pack")}}
         if "s3" in cfg.stores:  # before Ray starts: its workers inherit the store's environment
-            sys.path.insert(0, os.path.join(ROOT, "tests"))
-            from s3_server import S3Server
+            try:
+                from tests.s3_server import S3Server
+            except ImportError:
+                raise ValueError("--stores s3 starts the tests' S3 server (tests/s3_server.py): run this from the "
+                                 "project's root as python -m jobs.bench_shards") from None
 
             server = S3Server(os.path.join(tmp, "moto")).start()
             server.create_bucket("bench")

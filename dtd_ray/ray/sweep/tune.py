@@ -143,6 +143,21 @@ class RowWriter(tune.Callback):
         self.done = 0
         self.failed: list[str] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment's state; a progress display (a stream, a
+        # lock) stays on the driver that draws it.
+        return {**self.__dict__, "bar": None}
+
+    def _write(self, line: str) -> None:
+        if self.bar is None:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
+
+    def _advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.config["trial_id"]
         self.history.setdefault(tid, []).append(dict(result))
@@ -150,7 +165,7 @@ class RowWriter(tune.Callback):
             return
         r = self.rows[tid]
         acc = result.get("acc_eval")
-        self.bar.write(f"[sweep] {r['retrain_mode']} {r['model']} {r['strategy']} k={r['k2']}: epoch "
+        self._write(f"[sweep] {r['retrain_mode']} {r['model']} {r['strategy']} k={r['k2']}: epoch "
               f"{result.get('epoch', '?')}/{r['epochs']} acc {acc if acc is None else f'{acc:.2f}'} % "
               f"(decomposed {r['acc_decomposed']:.2f} %, full {r['acc_full']:.2f} %)")
 
@@ -159,8 +174,8 @@ class RowWriter(tune.Callback):
         hist = [h for h in self.history.get(tid, []) if "acc_eval" in h]
         if not hist:
             self.failed.append(tid)
-            self.bar.write(f"[sweep] trial {tid} finished without reporting acc_eval: no row written")
-            self.bar.update(1)
+            self._write(f"[sweep] trial {tid} finished without reporting acc_eval: no row written")
+            self._advance()
             return
         first, last = hist[0], hist[-1]
         ckpt = getattr(trial, "checkpoint", None)
@@ -179,17 +194,17 @@ class RowWriter(tune.Callback):
         path = write_trial_row(self.output, row)
         self.done += 1
         if self.verbose:
-            self.bar.write(f"[sweep] trial {tid} done ({self.done}/{self.total}): {row['retrain_mode']} {row['model']} "
+            self._write(f"[sweep] trial {tid} done ({self.done}/{self.total}): {row['retrain_mode']} {row['model']} "
                            f"{row['strategy']} k={row['k2']} acc {row['acc_retrained']:.2f} % -> {path}")
-        self.bar.update(1)
+        self._advance()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid = trial.config["trial_id"]
         self.failed.append(tid)
         r = self.rows[tid]
-        self.bar.write(f"[sweep] trial {tid} failed ({r['retrain_mode']} {r['model']} "
+        self._write(f"[sweep] trial {tid} failed ({r['retrain_mode']} {r['model']} "
                        f"{r['strategy']} k={r['k2']}); see {getattr(trial, 'path', '')}")
-        self.bar.update(1)
+        self._advance()
 
 
 def run_tune(plan: SweepPlan, mode: str, todo: list[TrialSpec], *, maps: dict[str, np.ndarray],
