@@ -108,7 +108,3 @@ def progress(*, total: int | None, desc: str, unit: str = "it", stream: TextIO |
     return Lines(total=total, desc=desc, unit=unit, stream=stream, quiet=how == "off",
                  interval=LINE_INTERVAL_S if interval is None else interval)
 
-
-def say(text: str) -> None:
-    """One line of the project's own output (above a live bar, if one is drawn)."""
-    print(text, flush=True)

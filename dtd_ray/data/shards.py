@@ -80,12 +80,7 @@ def read_bytes(path: str) -> bytes:
     """The bytes of one file (local path or URI). A file that cannot be read raises one line
     (``OSError``): a pack stores every image of the folder or fails, never a gap in the ids."""
     try:
-        if "://" in path:
-            fs, p = storage.resolve(path)
-            with fs.open_input_file(p) as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
+        return storage.read_bytes(path)
     except OSError as e:
         raise type(e)(f"cannot read {path}: {storage.explain(e)}") from None
 
@@ -139,17 +134,6 @@ def read_pack(uri: str) -> dict[str, Any]:
     return meta
 
 
-def split_files(uri: str, split: str, *, rows: int, rows_per_file: int) -> list[str]:
-    """The filesystem paths of a finished split's shards, in order (their names follow from rows and rows_per_file)."""
-    _, root = storage.resolve(uri)
-    return [f"{root}/{SPLIT_PREFIX}{split}/{shard_name(i)}" for i in range(len(shard_bounds(rows, rows_per_file)))]
-
-
-def read_shard(fs: pafs.FileSystem, path: str) -> pa.Table:
-    """One shard's ``sample_id``, ``label`` and ``image_bytes`` columns."""
-    return pq.read_table(path, columns=list(READ_COLUMNS), filesystem=fs)
-
-
 def read_rows(uri: str, split: str, *, lo: int, hi: int, rows_per_file: int) -> pa.Table:
     """Rows ``[lo, hi)`` of a finished split (the :data:`READ_COLUMNS`), from the row groups that hold them.
 
@@ -160,11 +144,14 @@ def read_rows(uri: str, split: str, *, lo: int, hi: int, rows_per_file: int) -> 
     parts = []
     for i in range(lo // rows_per_file, (hi - 1) // rows_per_file + 1 if hi > lo else 0):
         start = i * rows_per_file
-        with fs.open_input_file(f"{root}/{SPLIT_PREFIX}{split}/{shard_name(i)}") as f:
+        path = f"{root}/{SPLIT_PREFIX}{split}/{shard_name(i)}"
+        with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             ends = np.cumsum(sizes) + start
             groups = [g for g in range(len(sizes)) if ends[g] > lo and ends[g] - sizes[g] < hi]
+            if not groups:  # a shard shorter than the plan says
+                raise ValueError(f"parquet dataset {uri}: {path} holds {sum(sizes)} rows, none of [{lo}, {hi})")
             first = int(ends[groups[0]] - sizes[groups[0]])
             t = pf.read_row_groups(groups, columns=list(READ_COLUMNS))
         parts.append(t.slice(max(lo - first, 0), min(hi, int(ends[groups[-1]])) - max(lo, first)))
@@ -179,12 +166,7 @@ def read_split(uri: str, split: str, *, rows: int, rows_per_file: int) -> dict[s
     For the stages that read a split into memory (fine-tuning, the atlas); extraction streams
     the shards through Ray Data instead.
     """
-    fs, _ = storage.resolve(uri)
-    files = split_files(uri, split, rows=rows, rows_per_file=rows_per_file)
-    if not files:
-        return {"sample_id": np.zeros(0, np.int64), "label": np.zeros(0, np.int32),
-                BYTES: np.empty(0, dtype=object)}
-    table = pa.concat_tables(read_shard(fs, f) for f in files)
+    table = read_rows(uri, split, lo=0, hi=rows, rows_per_file=rows_per_file)
     if table.num_rows != rows:
         raise ValueError(f"parquet dataset {uri} split {split!r}: {table.num_rows} rows in its shards, "
                          f"{CLASSES_NAME} says {rows}")

@@ -77,18 +77,11 @@ def _decode(path: str) -> Image.Image:
 
 def _read(path: str) -> bytes:
     try:
-        if "://" in path:
-            fs, p = storage.resolve(path)
-            with fs.open_input_file(p) as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        return storage.read_bytes(path)
     except OSError as e:
         if storage.store_failed(path, e):  # the store's outage, not a bad image: fail the batch, commit nothing
             raise
         raise _BadInput(f"unreadable: {e.strerror or e}") from None
-    return data
 
 
 def _decode_bytes(data: bytes | None) -> Image.Image:

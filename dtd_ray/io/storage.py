@@ -189,6 +189,16 @@ def write_json(fs: pafs.FileSystem, path: str, obj: dict[str, Any]) -> None:
     write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
+def read_bytes(path: str) -> bytes:
+    """The whole file at ``path``, a local path or a URI (its filesystem from :func:`resolve`); raises its ``OSError``."""
+    if "://" in path:
+        fs, p = resolve(path)
+        with fs.open_input_file(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole file ``path``, atomically: on a local disk via a temporary file and rename."""
     parent = path.rsplit("/", 1)[0]

@@ -111,7 +111,7 @@ def run_pack(cfg: PackConfig, *, planned: dict[str, Any] | None = None) -> dict[
     elif old is None and fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         raise ValueError(f"{out} is not empty and holds no pack plan ({shards.PLAN_NAME}): choose another --output")
     if finished is not None:
-        console.say(f"[pack] {out}: finished earlier ({shards.describe_pack(finished)}), skipped")
+        print(f"[pack] {out}: finished earlier ({shards.describe_pack(finished)}), skipped", flush=True)
         return {**finished, "written": 0}
     storage.write_json(fs, f"{root}/{shards.PLAN_NAME}", plan)
 
@@ -131,7 +131,7 @@ def run_pack(cfg: PackConfig, *, planned: dict[str, Any] | None = None) -> dict[
             rows_todo += hi - lo
     total_rows = sum(s["rows"] for s in plan["splits"].values())
     if rows_todo < total_rows:
-        console.say(f"[pack] {out}: resuming, {total_rows - rows_todo:,} of {total_rows:,} images in place")
+        print(f"[pack] {out}: resuming, {total_rows - rows_todo:,} of {total_rows:,} images in place", flush=True)
     pending = list(tasks)
     with console.progress(total=rows_todo, desc=f"[pack] {out}", unit="img") as bar:
         while pending:
@@ -141,6 +141,6 @@ def run_pack(cfg: PackConfig, *, planned: dict[str, Any] | None = None) -> dict[
     meta["splits"] = {s: v["rows"] for s, v in plan["splits"].items()}
     storage.write_json(fs, f"{root}/{shards.CLASSES_NAME}", meta)  # last: the pack is finished
     seconds = time.perf_counter() - t0
-    console.say(f"[pack] done: {len(tasks)} shard(s) written in {seconds:.1f} s ({shards.describe_pack(meta)}) "
-                f"-> read it as parquet:{out}")
+    print(f"[pack] done: {len(tasks)} shard(s) written in {seconds:.1f} s ({shards.describe_pack(meta)}) "
+          f"-> read it as parquet:{out}", flush=True)
     return {**meta, "written": len(tasks)}
