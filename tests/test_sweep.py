@@ -378,3 +378,72 @@ def test_rerun_resumes_and_never_duplicates(swept, capsys):
     assert "finished earlier (18 rows), skipped" in text  # extraction resumed
     after = pd.read_parquet(out / "trials")
     assert len(after) == 9 and after.trial_id.is_unique and lost in set(after.trial_id)
+
+
+# ----------------------------------------------------------------------------- validation split, seeds, controls
+
+HELDOUT_RETRAIN = {
+    "none": {},
+    "head": {"k": [2], "epochs": 3, "lr": [1e-3, 3e-2], "control": True},
+    "finetune": {"k": [2], "strategies": ["frequency"], "epochs": 2, "batch_size": 8, "seeds": [0, 1],
+                 "control": True},
+}
+
+
+@pytest.fixture(scope="module")
+def heldout(ray_local, tmp_path_factory):
+    """The tiny project (10 images a class) swept with a 30 % validation split, two head lrs, two
+    fine-tuning seeds and the full-head controls."""
+    proj = make_tiny_project(tmp_path_factory.mktemp("heldout_proj"), per_class=10)
+    out = tmp_path_factory.mktemp("heldout_out")
+    cfg = sweep.load_config(str(write_tiny_config(proj, retrain=HELDOUT_RETRAIN, val_fraction=0.3)),
+                            {"output": str(out), "atlas": False})
+    return cfg, out, sweep.run_sweep(cfg)
+
+
+def test_validation_split_seeds_and_controls_end_to_end(heldout):
+    from dtd_ray.core import holdout, stats
+    from dtd_ray.io import records
+
+    cfg, out, res = heldout
+    df = pd.read_parquet(out / "trials")
+    # none: k 1..3 × 2 strategies; head: (2 strategies + the control) × 2 lrs; finetune: (1 + control) × 2 seeds
+    assert df.groupby("retrain_mode").size().to_dict() == {"none": 6, "head": 6, "finetune": 4}
+    assert (df["select_split"] == "train_fit70").all() and (df["val_split"] == "train_val30").all()
+    tr = records.load_records(str(out / "records"), model="tiny", split="train", columns=[schema.LABEL])
+    val = holdout.val_mask(sample_id=tr["sample_id"], fraction=0.3, seed=0)
+    assert 0 < val.sum() < len(val)
+    # the maps were counted from the rows left for fitting only
+    freq = pd.read_parquet(out / "decompose" / "freq")
+    k1 = freq[freq.k1 == 1]
+    assert int(k1["count"].sum()) == int((~val).sum())
+    # every head is also evaluated on the validation split; mode none rows carry it
+    ev_val = pd.read_parquet(out / "decompose" / "eval", filters=[("split", "==", "train_val30")])
+    assert len(ev_val) and (ev_val["n_instances"] == int(val.sum())).all()
+    none = df[df.retrain_mode == "none"]
+    for _, r in none.iterrows():
+        e = ev_val[(ev_val.strategy == r.strategy) & (ev_val.k1 == r.k1) & (ev_val.k2 == r.k2)].iloc[0]
+        assert r.acc_val == pytest.approx(100 * e.acc_decomposed)
+    # trained rows: the epoch kept is the best on validation (earliest of equals), never chosen on test
+    trained = df[df.retrain_mode != "none"]
+    for _, r in trained.iterrows():
+        vals, best = list(r.acc_val_by_epoch), int(r.best_epoch)  # a float column: mode none has none
+        assert len(vals) == r.epochs and best == int(np.argmax(vals)) + 1
+        assert r.acc_val == pytest.approx(vals[best - 1])
+        assert r.acc_retrained == pytest.approx(r.acc_by_epoch[best - 1])
+        o = stats.unpack_outcomes(r.outcomes, n=int(r.n_eval))
+        assert 100 * o.mean() == pytest.approx(r.acc_retrained)
+    head = df[df.retrain_mode == "head"]
+    assert sorted(head["lr"].unique()) == [1e-3, 3e-2]
+    ft = df[df.retrain_mode == "finetune"]
+    assert sorted(ft["seed"]) == [0, 0, 1, 1]
+    # the control: the full head (every class keeps all m = 64 features), trained with the same recipe
+    ctrl = df[df.strategy == "full"]
+    assert len(ctrl) == 2 + 2 and (ctrl["k2"] == 64).all() and (ctrl["k1"] == -1).all()
+    assert (ctrl["acc_decomposed"] == ctrl["acc_full"]).all() and (ctrl["channels_used"] == 64).all()
+    # a fine-tuning trial trains on the fit rows only (its trainable config records the split)
+    for _, r in ft.iterrows():
+        conf = json.loads(r.config)["trainable"]
+        assert conf["val_fraction"] == 0.3 and conf["val_seed"] == 0 and conf["seed"] == r.seed
+    # ids: each (strategy, lr, seed) its own trial
+    assert df["trial_id"].is_unique and res["skipped"] == 0

@@ -16,6 +16,14 @@ DEFAULT_STRATEGIES = ("frequency", "weight_l1", "contribution", "random")  # glm
 K1_INDEPENDENT = ("weight_l1", "contribution", "random", "glm")
 K1_NOT_APPLICABLE = -1
 SEED_NOT_APPLICABLE = -1  # the ``map_seed`` of every map that no seed draws (all but ``random``)
+# The "strategy" of a retraining control trial: no selection, every class keeps all m features,
+# so its head is the full head trained with the decomposed heads' recipe (never a map of the grid).
+FULL = "full"
+
+
+def full_map(*, num_classes: int, feature_dim: int) -> np.ndarray:
+    """The control's map: every class keeps every feature, ``idx[y] = 0 … m−1`` (C, m)."""
+    return np.tile(np.arange(int(feature_dim), dtype=np.int64), (int(num_classes), 1))
 
 
 @dataclasses.dataclass(frozen=True)

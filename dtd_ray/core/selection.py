@@ -47,18 +47,20 @@ import numpy as np
 # core.glm imports too; re-exported here, where the strategies are.
 from dtd_ray.core.classmap import (  # noqa: F401
     DEFAULT_STRATEGIES,
+    FULL,
     K1_INDEPENDENT,
     K1_NOT_APPLICABLE,
     SEED_NOT_APPLICABLE,
     STRATEGIES,
     ClassMap,
     check_k2,
+    full_map,
     rank_rows,
 )
 from dtd_ray.core.counting import FreqTables
 
-__all__ = ["DEFAULT_STRATEGIES", "K1_INDEPENDENT", "K1_NOT_APPLICABLE", "SEED_NOT_APPLICABLE", "STRATEGIES", "ClassMap",
-           "check_k2", "imported_map", "mean_contribution", "rank_rows", "select_contribution", "select_frequency",
+__all__ = ["DEFAULT_STRATEGIES", "FULL", "K1_INDEPENDENT", "K1_NOT_APPLICABLE", "SEED_NOT_APPLICABLE", "STRATEGIES", "ClassMap",
+           "check_k2", "full_map", "imported_map", "mean_contribution", "rank_rows", "select_contribution", "select_frequency",
            "select_maps",
            "select_random", "select_weight_l1", "frequency_tie_order"]
 

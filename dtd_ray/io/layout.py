@@ -51,7 +51,7 @@ def sweep_selection(sweep_config: dict[str, Any]) -> dict[str, Any]:
     folders every reader of its tables picks, where an output holds several selections."""
     c = sweep_config.get("config") or {}
     key = schema.split_key(str(c.get("train_split", "train")), augment=c.get("select_augment"),
-                           seed=int(c.get("seed", 0)))
+                           seed=int(c.get("seed", 0)), val_fraction=c.get("val_fraction"))
     return {"select_split": key, "correct_only": bool(c.get("correct_only", False))}
 
 

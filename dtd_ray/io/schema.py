@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from dtd_ray.core import holdout
+
 SCHEMA_VERSION = 1
 
 # --- records/model=…/split=…/ : one row per instance (extraction) -------------
@@ -41,9 +43,19 @@ RECORDS_PARTITIONING = ("model", "split")
 RECORDS_DICTIONARY_COLUMNS = (LABEL, PRED, f"{TOPK_IDX}.list.element")
 
 
-def split_key(split: str, *, augment: str | None, seed: int) -> str:
-    """The records split of an extraction pass: ``split``, or ``<split>_aug<seed>`` for an augmented pass."""
-    return f"{split}_aug{seed}" if augment else split
+def split_key(split: str, *, augment: str | None, seed: int, val_fraction: float | None = None) -> str:
+    """The records split of an extraction pass: ``split``, or ``<split>_aug<seed>`` for an augmented pass;
+    with a ``val_fraction`` the part left for fitting once the validation split is held out
+    (:mod:`dtd_ray.data.holdout`): ``train_fit90`` for 10 %, ``train_aug0_fit90``."""
+    key = f"{split}_aug{seed}" if augment else split
+    if val_fraction is None:
+        return key
+    return f"{key}_fit{holdout.percent_label(1.0 - float(val_fraction))}"
+
+
+def val_key(split: str, *, val_fraction: float) -> str:
+    """The name of the validation split held out of ``split``: ``train_val10`` for 10 %."""
+    return f"{split}_val{holdout.percent_label(val_fraction)}"
 
 
 # --- freq/ : class × feature occurrence counts, per k1 (reduce) ---------------
@@ -182,13 +194,13 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("lr", pa.float64()),  # null for mode none
         pa.field("batch_size", pa.int32()),
         pa.field("weight_decay", pa.float64()),
-        pa.field("seed", pa.int32()),  # the sweep's seed (training order, augmentation)
+        pa.field("seed", pa.int32()),  # the trial's training seed (order, augmentation): the sweep's, or one of retrain.<mode>.seeds
         pa.field("map_seed", pa.int32()),  # the random map's seed; -1 for the other strategies
         pa.field("n_eval", pa.int64()),  # instances of eval_split in the records
         pa.field("acc_full", pa.float64()),  # the original head on eval_split (cached features)
         pa.field("acc_decomposed", pa.float64()),  # the decomposed head before any training (cached features)
         pa.field("acc_decomposed_init", pa.float64()),  # the trainable's own measurement before training
-        pa.field("acc_retrained", pa.float64()),  # after the last epoch (null for mode none)
+        pa.field("acc_retrained", pa.float64()),  # at best_epoch (null for mode none)
         pa.field("acc_by_epoch", pa.list_(pa.float64())),  # eval accuracy after each epoch
         pa.field("loss", pa.float64()),  # training loss of the last epoch
         pa.field("head_macs_full", pa.int64()),  # C·m multiply-adds per instance
@@ -202,5 +214,11 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("checkpoint", pa.string()),  # the trial's last checkpoint (null for mode none)
         pa.field("config", pa.string()),  # JSON: everything the trial_id hashes, plus the trainable's config
         pa.field("finished_at", pa.string()),  # UTC, ISO 8601
+        # the validation split (val_fraction; null without one): held out of the training split, it
+        # chooses what test must not (lr, epoch, k1); accuracies in percent
+        pa.field("val_split", pa.string()),  # its name, schema.val_key (train_val10)
+        pa.field("acc_val", pa.float64()),  # the row's final head there: decomposed (none), else at best_epoch
+        pa.field("acc_val_by_epoch", pa.list_(pa.float64())),  # after each epoch
+        pa.field("best_epoch", pa.int32()),  # the epoch of acc_retrained: best acc_val (earliest on ties), else the last
     ]
 )

@@ -32,9 +32,9 @@ def extract_select(cfg: stage.DecomposeConfig, eval_manifest: dict[str, Any]) ->
         overwrite=False,
     )
     run_extract(ExtractConfig(**src))
-    man = records.read_manifest(cfg.records, model=cfg.model, split=cfg.select_key)
+    man = records.read_manifest(cfg.records, model=cfg.model, split=cfg.select_records)
     if man is None:
-        raise FileNotFoundError(f"the augmented extraction did not produce split {cfg.select_key}")
+        raise FileNotFoundError(f"the augmented extraction did not produce split {cfg.select_records}")
     return man
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from dtd_ray.core import holdout
 from dtd_ray.core.heads import DecomposedHead, check_map
 from dtd_ray.data.sources import parse_source
 from dtd_ray.io import records, schema
@@ -39,7 +40,7 @@ from dtd_ray.models.backbones import get_backbone
 from dtd_ray.models.linear_head import load_head
 from dtd_ray.models.runtime import Runtime, check_precision, resolve_device
 from dtd_ray.train import defaults
-from dtd_ray.train.finetune import evaluate_backbone, export_state_dict, finetune_epoch, subset_rows
+from dtd_ray.train.finetune import evaluate_backbone, export_state_dict, finetune_epoch, split_rows, subset_rows
 from dtd_ray.train.head import as_tensor, check_same_map, fit_decomposed_head
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ HEAD_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "head": None,
     **defaults.HEAD,
     "seed": 0,
+    "val_fraction": None,
+    "val_seed": 0,
     "use_gpu": False,
     "cpu_threads": 1,
 })
@@ -74,6 +77,8 @@ FINETUNE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     **defaults.FINETUNE,
     "eval_batch_size": 512,
     "seed": 0,
+    "val_fraction": None,
+    "val_seed": 0,
     "max_train_rows": None,
     "max_eval_rows": None,
     "use_gpu": False,
@@ -132,7 +137,10 @@ def _load_head_data(cfg: dict[str, Any], data: Mapping[str, Any]) -> dict[str, A
     cols = [schema.LABEL, schema.FEATURES]
     if "train_features" not in out:
         r = records.load_records(cfg["records"], model=cfg["model"], split=cfg["train_split"], columns=cols)
-        out["train_features"], out["train_labels"] = r[schema.FEATURES], r[schema.LABEL]
+        val = holdout.val_mask(sample_id=r[schema.SAMPLE_ID], fraction=cfg["val_fraction"], seed=int(cfg["val_seed"]))
+        out["train_features"], out["train_labels"] = r[schema.FEATURES][~val], r[schema.LABEL][~val]
+        if val.any():
+            out["val_features"], out["val_labels"] = r[schema.FEATURES][val], r[schema.LABEL][val]
     if cfg["eval_split"] and "eval_features" not in out:
         r = records.load_records(cfg["records"], model=cfg["model"], split=cfg["eval_split"], columns=cols)
         out["eval_features"], out["eval_labels"] = r[schema.FEATURES], r[schema.LABEL]
@@ -157,6 +165,8 @@ def head_trainable(config: dict[str, Any], *, data: dict[str, Any] | None = None
     - ``records``: records root (``<extract output>/records``); ``model``: its partition tag.
       Needed unless ``data`` carries everything.
     - ``train_split`` ("train"), ``eval_split`` ("test"; ``None``: no evaluation).
+    - ``val_fraction`` (None), ``val_seed`` (0): hold that share of the training rows out
+      (:mod:`dtd_ray.core.holdout`) and report ``acc_val`` on it every epoch.
     - ``head``: an .npz with ``weight``/``bias``; default: the head stored beside the training
       split's records (``dtd_ray.models.linear_head.load_head``). Ignored when ``data`` has
       ``weight``/``bias``.
@@ -166,9 +176,11 @@ def head_trainable(config: dict[str, Any], *, data: dict[str, Any] | None = None
       error, None: CUDA when visible), ``cpu_threads`` (1).
 
     ``data`` (``tune.with_parameters``, so large arrays reach the object store once) may
-    carry ``train_features, train_labels, eval_features, eval_labels, weight, bias``.
+    carry ``train_features, train_labels, eval_features, eval_labels, weight, bias`` and
+    ``val_features, val_labels`` (the training rows already without them).
 
-    Reported metrics: ``epoch``, ``acc_eval`` (percent), ``loss_eval``, ``loss`` (mean
+    Reported metrics: ``epoch``, ``acc_eval`` (percent), ``loss_eval``, ``acc_val`` and
+    ``loss_val`` (with a validation split), ``loss`` (mean
     training CE), ``acc_train``, ``seconds`` (the epoch), ``acc_decomposed_init`` (the
     decomposed head before training), ``acc_full`` (the original head), ``k2``,
     ``resumed_from_epoch`` (0 on a fresh start).
@@ -203,6 +215,8 @@ def head_trainable(config: dict[str, Any], *, data: dict[str, Any] | None = None
         seed=int(cfg["seed"]),
         eval_features=d.get("eval_features") if cfg["eval_split"] else None,
         eval_labels=d.get("eval_labels") if cfg["eval_split"] else None,
+        val_features=d.get("val_features"),
+        val_labels=d.get("val_labels"),
         on_epoch=on_epoch,
         state=state,
         device=device,
@@ -234,6 +248,8 @@ def finetune_trainable(config: dict[str, Any]) -> None:
     - ``epochs``, ``lr``, ``batch_size``, ``weight_decay``, ``augment`` ("cifar" or None),
       ``precision``: :data:`dtd_ray.train.defaults.FINETUNE` (1, 1e-4, 128, 0.0, "cifar",
       "auto"); ``eval_batch_size`` (512), ``seed`` (0).
+    - ``val_fraction`` (None), ``val_seed`` (0): hold that share of the training images out
+      (:mod:`dtd_ray.core.holdout`, by ``sample_id``): trained on the rest, ``acc_val`` on it.
     - ``max_train_rows`` / ``max_eval_rows`` (None: all): a seeded random subset, for tests.
     - ``use_gpu`` (False): the device as ``dtd_ray.models.runtime.resolve_device`` decides
       (True without CUDA is an error); ``precision`` as ``Runtime`` reads it ("auto" = fp16
@@ -245,7 +261,8 @@ def finetune_trainable(config: dict[str, Any]) -> None:
     training CE), ``acc_train``, ``seconds`` (the epoch's training time), ``seconds_eval``,
     ``images_per_s``, ``n_train``, ``n_eval``, ``acc_decomposed_init`` (the decomposed
     head before any training, on the eval split), ``acc_full`` (the original network
-    there), ``k2``, ``device``, ``resumed_from_epoch``.
+    there), ``k2``, ``device``, ``resumed_from_epoch``; ``acc_val`` and ``loss_val`` with a
+    validation split.
     """
     cfg = _config(config, FINETUNE_DEFAULTS, required=("idx", "dataset"), name="finetune_trainable")
     _set_threads(cfg["cpu_threads"])
@@ -262,7 +279,9 @@ def finetune_trainable(config: dict[str, Any]) -> None:
     backbone = rt.prepare(backbone)
     head.to(device)
     source = parse_source(cfg["dataset"])
-    train_rows = subset_rows(rows=source.read_numpy(cfg["train_split"]), max_rows=cfg["max_train_rows"], seed=seed)
+    train_rows, val_rows = split_rows(rows=source.read_numpy(cfg["train_split"]), fraction=cfg["val_fraction"],
+                                      seed=int(cfg["val_seed"]))
+    train_rows = subset_rows(rows=train_rows, max_rows=cfg["max_train_rows"], seed=seed)
     eval_rows = subset_rows(rows=source.read_numpy(cfg["eval_split"]), max_rows=cfg["max_eval_rows"], seed=seed)
     # The original nn.Linear head is not trained (the decomposed head replaces it).
     params = list(backbone.features.parameters()) + list(head.parameters())
@@ -300,6 +319,9 @@ def finetune_trainable(config: dict[str, Any]) -> None:
             precision=rt.precision, scaler=scaler,
         )  # fmt: skip
         ev = evaluate_backbone(backbone=backbone, head=head, **eval_kw)
+        if val_rows is not None:
+            vv = evaluate_backbone(backbone=backbone, head=head, **{**eval_kw, "rows": val_rows})
+            ev.update(acc_val=vv["acc"], loss_val=vv["loss"])
         metrics = {
             "epoch": epoch,
             "loss": tr["loss"],
@@ -312,6 +334,8 @@ def finetune_trainable(config: dict[str, Any]) -> None:
             "seconds_eval": ev["seconds"],
             "n_eval": ev["n"],
         }
+        if "acc_val" in ev:
+            metrics.update(acc_val=ev["acc_val"], loss_val=ev["loss_val"])
         if "outcomes" in ev:  # per eval instance, for the report's paired bootstrap
             metrics["outcomes"] = ev["outcomes"]
         history.append(metrics)

@@ -24,7 +24,7 @@ from pydantic import Field
 from dtd_ray import console
 from dtd_ray import config as config_lib
 from dtd_ray.config import config_class
-from dtd_ray.core import analysis, counting, heads, selection
+from dtd_ray.core import analysis, counting, heads, holdout, selection
 from dtd_ray.core.kgrid import parse_k_grid
 from dtd_ray.io import layout, maptables, records, schema, storage
 from dtd_ray.models.linear_head import load_head
@@ -42,6 +42,7 @@ class DecomposeConfig:
     select_seed: Annotated[int, Field(description="seed of that augmented pass (as jobs/extract.py --seed)")] = 0
     extract_missing: Annotated[bool, Field(description="run the augmented extraction (Ray) when its records are missing")] = False
     correct_only: Annotated[bool, Field(description="count only correctly classified selection instances")] = False
+    val_fraction: Annotated[float | None, Field(description="hold this share of select_split out (dtd_ray.core.holdout, seeded by select_seed): the maps are selected from the rest, and every head is also evaluated on the held-out un-augmented rows (eval table split <select_split>_val<pct>)")] = None
     strategies: Annotated[tuple[str, ...], Field(description="selection strategies to compare (or glm too)")] = selection.DEFAULT_STRATEGIES
     k1: Annotated[Any, Field(description="k1 grid: None = 1..kmax, \"1..64\", \"5..100:5\" or \"5,10,20\"")] = None
     k2_max: Annotated[int | None, Field(description="map length of the k1-independent strategies (default: the largest k1)")] = None
@@ -73,10 +74,25 @@ class DecomposeConfig:
             raise ValueError(f"psi_q={self.psi_q} is outside (0, 1]")
         if self.random_seeds < 1 or self.noise_seeds < 1:
             raise ValueError(f"random_seeds={self.random_seeds} and noise_seeds={self.noise_seeds} must be ≥ 1")
+        holdout.check_fraction(self.val_fraction)
+
+    @property
+    def val_key(self) -> str | None:
+        """The validation split's name in the eval tables (``train_val10``), or ``None`` without one."""
+        if self.val_fraction is None:
+            return None
+        return schema.val_key(self.select_split, val_fraction=self.val_fraction)
 
     @property
     def select_key(self) -> str:
-        """The records split the maps come from (``train_aug0`` for an augmented pass with seed 0)."""
+        """The records split the maps come from (``train_aug0`` for an augmented pass with seed 0;
+        ``train_fit90`` with a 10 % validation split held out)."""
+        return schema.split_key(self.select_split, augment=self.select_augment, seed=self.select_seed,
+                                val_fraction=self.val_fraction)
+
+    @property
+    def select_records(self) -> str:
+        """The records partition the maps are counted from (the selection split before any holdout)."""
         return schema.split_key(self.select_split, augment=self.select_augment, seed=self.select_seed)
 
     def partition(self, *, eval_tables: bool = False) -> str:
@@ -85,10 +101,10 @@ class DecomposeConfig:
         return layout.partition(select_split=self.select_key, correct_only=self.correct_only,
                                 split=self.split if eval_tables else None)
 
-    def path_of(self, table: str) -> str:
+    def path_of(self, table: str, *, val: bool = False) -> str:
         """Where ``table`` (freq, maps, eval, instances, analysis, essentiality) of this decomposition
-        goes, relative to the output."""
-        split = self.split if table in layout.EVAL_TABLES else None
+        goes, relative to the output (``val``: the eval table of the validation split)."""
+        split = (self.val_key if val else self.split) if table in layout.EVAL_TABLES else None
         return layout.table_path(table, model=self.model, select_split=self.select_key,
                                  correct_only=self.correct_only, split=split)
 
@@ -117,7 +133,7 @@ def _need_hooks(hooks: RayHooks | None, what: str) -> RayHooks:
 def ensure_select_records(cfg: DecomposeConfig, eval_manifest: dict[str, Any], *,
                           hooks: RayHooks | None = None) -> dict[str, Any]:
     """The selection partition's manifest; runs the augmented extraction if asked and missing."""
-    man = records.read_manifest(cfg.records, model=cfg.model, split=cfg.select_key)
+    man = records.read_manifest(cfg.records, model=cfg.model, split=cfg.select_records)
     if man is not None:
         return man
     hint = ""
@@ -128,7 +144,7 @@ def ensure_select_records(cfg: DecomposeConfig, eval_manifest: dict[str, Any], *
             f"; run jobs/extract.py --splits {cfg.select_split} --augment {cfg.select_augment} "
             f"--seed {cfg.select_seed} (or pass --extract_missing)"
         )
-    uri = records.partition_uri(cfg.records, model=cfg.model, split=cfg.select_key)
+    uri = records.partition_uri(cfg.records, model=cfg.model, split=cfg.select_records)
     raise FileNotFoundError(f"no finished records at {uri}{hint}")
 
 
@@ -158,10 +174,12 @@ def check_shapes(*, w: np.ndarray, b: np.ndarray, manifests: dict[str, dict[str,
 def reduce_stage(cfg: DecomposeConfig, *, grid: np.ndarray, hooks: RayHooks | None = None) -> counting.FreqTables:
     kw = dict(
         model=cfg.model,
-        split=cfg.select_key,
+        split=cfg.select_records,
         k1_grid=[int(k) for k in grid],
         correct_only=cfg.correct_only,
         with_feature_sums="contribution" in cfg.strategies,
+        val_fraction=cfg.val_fraction,
+        val_seed=cfg.select_seed,
     )
     if cfg.engine == "ray":
         return _need_hooks(hooks, "engine='ray'").reduce(cfg.records, **kw)
@@ -177,7 +195,8 @@ def imported_maps(cfg: DecomposeConfig, *, C: int, m: int) -> list[selection.Cla
     return out
 
 
-def eval_table(rows: list[dict[str, Any]], cfg: DecomposeConfig, maps: list[selection.ClassMap]) -> pd.DataFrame:
+def eval_table(rows: list[dict[str, Any]], cfg: DecomposeConfig, maps: list[selection.ClassMap], *,
+               split: str | None = None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     # an imported map's order is the file's, not a ranking: only its full length is evaluated
     full_only = {cm.strategy: cm.k2 for cm in maps if not cm.nested}
@@ -185,7 +204,7 @@ def eval_table(rows: list[dict[str, Any]], cfg: DecomposeConfig, maps: list[sele
         keep = [full_only.get(s, k2) == k2 for s, k2 in zip(df["strategy"], df["k2"])]
         df = df[np.asarray(keep, dtype=bool)]
     df.insert(0, "model", cfg.model)
-    df.insert(1, "split", cfg.split)
+    df.insert(1, "split", split or cfg.split)
     df.insert(2, "select_split", cfg.select_key)
     df.insert(3, "correct_only", cfg.correct_only)
     return df.reset_index(drop=True)
@@ -292,10 +311,11 @@ def select_stage(cfg: DecomposeConfig, *, inputs: Inputs, freq: counting.FreqTab
     """The maps of every strategy (glm fitted on the selection split's cached features) and the imported ones."""
     glm_data: dict[str, Any] = {}
     if "glm" in cfg.strategies:
-        sel = records.load_records(cfg.records, model=cfg.model, split=cfg.select_key,
+        sel = records.load_records(cfg.records, model=cfg.model, split=cfg.select_records,
                                    columns=[schema.LABEL, schema.PRED, schema.FEATURES])
         # a boolean mask copies: the loaded arrays are read-only views of Arrow buffers
         keep = sel[schema.PRED] == sel[schema.LABEL] if cfg.correct_only else np.ones(len(sel[schema.LABEL]), bool)
+        keep &= ~holdout.val_mask(sample_id=sel[schema.SAMPLE_ID], fraction=cfg.val_fraction, seed=cfg.select_seed)
         glm_data = {"features": sel[schema.FEATURES][keep], "labels": sel[schema.LABEL][keep].astype(np.int64)}
     maps = selection.select_maps(
         strategies=cfg.strategies, freq=freq, weight=inputs.weight, k1_grid=inputs.grid, k2_max=cfg.k2_max,
@@ -303,6 +323,23 @@ def select_stage(cfg: DecomposeConfig, *, inputs: Inputs, freq: counting.FreqTab
     )
     C, m = inputs.weight.shape
     return maps + imported_maps(cfg, C=C, m=m)
+
+
+def val_eval_stage(cfg: DecomposeConfig, *, maps: list[selection.ClassMap], w: np.ndarray, b: np.ndarray
+                   ) -> pd.DataFrame | None:
+    """Every head of the grid on the validation split (the held-out, un-augmented rows of
+    ``select_split``): what the report chooses k1 on. ``None`` without a ``val_fraction``."""
+    if cfg.val_fraction is None:
+        return None
+    tr = records.load_records(cfg.records, model=cfg.model, split=cfg.select_split,
+                              columns=[schema.LABEL, schema.FEATURES])
+    val = holdout.val_mask(sample_id=tr[schema.SAMPLE_ID], fraction=cfg.val_fraction, seed=cfg.select_seed)
+    if not val.any():
+        raise ValueError(f"val_fraction={cfg.val_fraction} holds out no row of {cfg.select_split} "
+                         f"({len(val)} rows): raise it or drop it")
+    rows = heads.evaluate_grid(features=tr[schema.FEATURES][val], labels=tr[schema.LABEL][val].astype(np.int64),
+                               weight=w, bias=b, maps=maps, dtype=np.dtype(cfg.eval_dtype), outcomes=True)
+    return eval_table(rows, cfg, maps, split=cfg.val_key)
 
 
 def evaluation_warnings(cfg: DecomposeConfig, *, f: np.ndarray, pred: np.ndarray, records_pred: np.ndarray) -> list[str]:
@@ -422,6 +459,7 @@ def _run_steps(cfg: DecomposeConfig, *, hooks: RayHooks | None, lap: Any, timing
     pred = (f.astype(np.float64) @ w.T + b).argmax(1)
     warnings = list(freq.warnings) + evaluation_warnings(cfg, f=f, pred=pred, records_pred=ev[schema.PRED])
     df = eval_table(rows, cfg, maps)
+    df_val = val_eval_stage(cfg, maps=maps, w=w, b=b)
     adf, asummary, psi_info = pd.DataFrame(), [], None
     if cfg.analysis_k is not None:
         adf, asummary, psi_info = analysis_stage(cfg, maps=maps, f=f, y=y, w=w, b=b, sample_id=ev[schema.SAMPLE_ID])
@@ -432,6 +470,9 @@ def _run_steps(cfg: DecomposeConfig, *, hooks: RayHooks | None, lap: Any, timing
                               "psi": analysis.psi(values=f, q=cfg.psi_q) if psi_info is None else psi_info["psi"]})
     written: dict[str, Any] = write_tables(cfg, freq=freq, maps=maps, df=df, instances=instances, adf=adf,
                                            essentiality=None if psi_info is None else psi_info["essentiality"])
+    if df_val is not None:
+        table = pa.Table.from_pandas(df_val[schema.EVAL_SCHEMA.names], schema=schema.EVAL_SCHEMA, preserve_index=False)
+        written["eval_val"] = layout.write_table(table, cfg.output, cfg.path_of("eval", val=True))
     if cfg.export_json is not None:
         written["json"] = export_json(cfg, maps=maps, kmax=int(inputs.grid[-1]))
     timings["total"] = time.perf_counter() - t0
@@ -441,7 +482,8 @@ def _run_steps(cfg: DecomposeConfig, *, hooks: RayHooks | None, lap: Any, timing
     storage.write_json(fs, f"{path}/_manifests/{cfg.partition(eval_tables=True)}/{cfg.model}.json", manifest)
     bar.set_postfix_str(f"{len(df)} rows -> {written['eval']}")
     bar.update(1)
-    return {"eval": df, "analysis": adf, "manifest": manifest, "freq": freq, "maps": maps, "grid": inputs.grid,
+    return {"eval": df, "eval_val": df_val, "analysis": adf, "manifest": manifest, "freq": freq, "maps": maps,
+            "grid": inputs.grid,
             "psi_median": None if psi_info is None else psi_info["psi_median"]}
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtd_ray.core import stats
+from dtd_ray.core import holdout, stats
 from dtd_ray.core.heads import DecomposedHead
 from dtd_ray.data.sources import subset_positions
 from dtd_ray.data.transforms import INPUT_COLUMNS, prepare_batch
@@ -34,6 +34,17 @@ def subset_rows(*, rows: Mapping[str, np.ndarray], max_rows: int | None, seed: i
     rows = dict(rows)
     keep = subset_positions(num_rows=len(rows["sample_id"]), max_rows=max_rows, seed=seed)
     return rows if keep is None else {k: v[keep] for k, v in rows.items()}
+
+
+def split_rows(*, rows: Mapping[str, np.ndarray], fraction: float | None, seed: int
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """``(fit rows, validation rows)`` of a source's columns (:func:`dtd_ray.core.holdout.val_mask` by
+    ``sample_id``); ``(rows, None)`` without a ``fraction``."""
+    rows = dict(rows)
+    if fraction is None:
+        return rows, None
+    val = holdout.val_mask(sample_id=rows["sample_id"], fraction=fraction, seed=seed)
+    return {k: v[~val] for k, v in rows.items()}, {k: v[val] for k, v in rows.items()}
 
 
 def _prepared_batches(
@@ -235,5 +246,6 @@ __all__ = [
     "evaluate_backbone",
     "export_state_dict",
     "finetune_epoch",
+    "split_rows",
     "subset_rows",
 ]

@@ -60,6 +60,14 @@ def check_same_map(saved: torch.Tensor, idx: torch.Tensor) -> None:
         raise ValueError("the checkpoint was trained with another class map (idx); refusing to resume from it")
 
 
+def _checked_split(features: Any, labels: Any, w: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    f, y = as_tensor(features, torch.float32), as_tensor(labels).long()
+    if f.ndim != 2 or f.shape[1] != w.shape[1]:
+        raise ValueError(f"{what} features have shape {tuple(f.shape)}, the head takes (N, {w.shape[1]})")
+    _check_labels(y, len(f), w.shape[0], what)
+    return f, y
+
+
 def _check_labels(labels: torch.Tensor, n: int, num_classes: int, what: str) -> None:
     if labels.shape != (n,):
         raise ValueError(f"{what}: {tuple(labels.shape)} labels for {n} feature rows")
@@ -103,6 +111,8 @@ def fit_decomposed_head(
     seed: int = 0,
     eval_features: Any = None,
     eval_labels: Any = None,
+    val_features: Any = None,
+    val_labels: Any = None,
     on_epoch: Callable[[int, dict[str, Any], dict[str, Any]], None] | None = None,
     state: Mapping[str, Any] | None = None,
     device: Any = None,
@@ -125,8 +135,9 @@ def fit_decomposed_head(
     "acc_decomposed_init", "acc_full"}`` that ``torch.save`` can write and
     ``fit_decomposed_head(state=...)`` resumes from (finished epochs are skipped).
     ``metrics`` has ``epoch, loss`` (mean training CE), ``acc_train`` (percent, on the
-    training batches as they were seen), ``seconds`` (the epoch's training time), and with
-    eval data ``acc_eval`` (percent) and ``loss_eval``.
+    training batches as they were seen), ``seconds`` (the epoch's training time), with
+    eval data ``acc_eval`` (percent) and ``loss_eval``, and with validation data (held out of
+    the training split: what chooses the epoch and the lr) ``acc_val`` and ``loss_val``.
 
     Returns ``{"head", "history", "acc_decomposed_init", "acc_full", "optimizer",
     "epoch", "resumed_from_epoch"}``; ``acc_decomposed_init``/``acc_full`` (percent, on the
@@ -144,12 +155,12 @@ def fit_decomposed_head(
     if len(f) == 0:
         raise ValueError("no training rows")
     have_eval = eval_features is not None and eval_labels is not None
-    fe = ye = None
+    have_val = val_features is not None and val_labels is not None
+    fe = ye = fv = yv = None
     if have_eval:
-        fe, ye = as_tensor(eval_features, torch.float32), as_tensor(eval_labels).long()
-        if fe.ndim != 2 or fe.shape[1] != w.shape[1]:
-            raise ValueError(f"eval features have shape {tuple(fe.shape)}, the head takes (N, {w.shape[1]})")
-        _check_labels(ye, len(fe), w.shape[0], "eval")
+        fe, ye = _checked_split(eval_features, eval_labels, w, "eval")
+    if have_val:
+        fv, yv = _checked_split(val_features, val_labels, w, "val")
 
     head = DecomposedHead(weight=w, bias=b, idx=idx).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -197,6 +208,9 @@ def fit_decomposed_head(
         if have_eval:
             ev = evaluate_head(head=head, features=fe, labels=ye, device=device)
             metrics["acc_eval"], metrics["loss_eval"], metrics["outcomes"] = ev["acc"], ev["loss"], ev["outcomes"]
+        if have_val:
+            vv = evaluate_head(head=head, features=fv, labels=yv, device=device)
+            metrics["acc_val"], metrics["loss_val"] = vv["acc"], vv["loss"]
         history.append(metrics)
         log.debug("head epoch %d: %s", epoch, metrics)
         if on_epoch is not None:

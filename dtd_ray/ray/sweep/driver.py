@@ -45,8 +45,12 @@ class Decomposed:
     eval: pd.DataFrame  # decompose's eval table (fractions)
     maps: Any  # list[ClassMap] or a maps/ DataFrame
     status: str
+    eval_val: pd.DataFrame | None = None  # the same on the validation split (val_fraction), without outcomes
 
     def class_map(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE) -> np.ndarray:
+        if strategy == selection.FULL:  # the control: every class keeps all m features
+            C = int(self.eval["head_macs_full"].iloc[0]) // k
+            return selection.full_map(num_classes=C, feature_dim=k)
         if isinstance(self.maps, pd.DataFrame):
             return maptables.map_from_table(self.maps, strategy=strategy, k1=k1, k2=k, map_seed=map_seed).idx
         for cm in self.maps:
@@ -54,8 +58,15 @@ class Decomposed:
                 return cm.top(k).idx
         raise ValueError(f"no {strategy} map with k1={k1}, map_seed={map_seed} and length ≥ {k}")
 
-    def eval_row(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE) -> dict[str, Any]:
-        df = self.eval
+    def eval_row(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE, *,
+                 val: bool = False) -> dict[str, Any]:
+        df = self.eval_val if val else self.eval
+        if df is None:
+            return {}
+        if strategy == selection.FULL:  # the full head: what every row knows of it, and all m features
+            r = df.iloc[0].to_dict()
+            return {**r, "acc_decomposed": r["acc_full"], "head_macs_decomposed": r["head_macs_full"],
+                    "channels_used": k, "outcomes": None}
         r = df[(df["strategy"] == strategy) & (df["k1"] == k1) & (df["k2"] == k) & (df["map_seed"] == map_seed)]
         if r.empty:
             raise ValueError(f"decompose evaluated no ({strategy}, k1={k1}, k2={k}, map_seed={map_seed})")
@@ -88,19 +99,22 @@ def run_decomposition(plan: SweepPlan, unit: Unit) -> Decomposed:
         print(f"[sweep] decompose {unit.key}: finished earlier with the same config and records, skipped", flush=True)
         ev = layout.read_table(storage.join(dcfg.output, dcfg.path_of("eval")))
         maps = pq.read_table(maps_path, filesystem=fs).to_pandas()
-        return Decomposed(eval=ev, maps=maps, status="skipped")
+        val = layout.read_table(storage.join(dcfg.output, dcfg.path_of("eval", val=True))) if dcfg.val_key else None
+        return Decomposed(eval=ev, maps=maps, status="skipped", eval_val=val)
     res = decompose_on_ray(dcfg, brief=not plan.cfg.verbose)
     want["records"] = _records_hashes(plan, unit)  # an augmented pass may have been extracted just now
     storage.write_json(fs, marker_path, {**want, "finished_at": timestamp()})
-    return Decomposed(eval=res["eval"], maps=res["maps"], status="written")
+    return Decomposed(eval=res["eval"], maps=res["maps"], status="written", eval_val=res.get("eval_val"))
 
 
 def base_row(plan: SweepPlan, unit: Unit, t: TrialSpec, dec: Decomposed) -> dict[str, Any]:
     """The columns of a trial's row known before it runs (decompose's evaluation, in percent)."""
     cfg = plan.cfg
     ev = dec.eval_row(t.strategy, t.k1, t.k, t.map_seed)
+    ev_val = dec.eval_row(t.strategy, t.k1, t.k, t.map_seed, val=True)
     spec = plan.modes[t.mode]
-    sel_split = schema.split_key(cfg.train_split, augment=cfg.select_augment, seed=cfg.seed)
+    sel_split = schema.split_key(cfg.train_split, augment=cfg.select_augment, seed=cfg.seed,
+                                 val_fraction=cfg.val_fraction)
     return {
         "trial_id": t.trial_id,
         "sweep": cfg.name,
@@ -117,11 +131,14 @@ def base_row(plan: SweepPlan, unit: Unit, t: TrialSpec, dec: Decomposed) -> dict
         "k2": int(t.k),
         "retrain_mode": t.mode,
         "epochs": int(spec.epochs or 0),
-        "lr": None if t.mode == "none" else float(spec.lr),
+        "lr": None if t.mode == "none" else float(t.lr),
         "batch_size": None if t.mode == "none" else int(spec.batch_size),
         "weight_decay": None if t.mode == "none" else float(spec.weight_decay or 0.0),
-        "seed": int(cfg.seed),
+        "seed": int(t.seed),
         "map_seed": int(t.map_seed),
+        "val_split": None if cfg.val_fraction is None else schema.val_key(cfg.train_split, val_fraction=cfg.val_fraction),
+        # mode none: the decomposed head on the validation split; a retrain trial replaces it by its own
+        "acc_val": 100.0 * float(ev_val["acc_decomposed"]) if (ev_val and t.mode == "none") else None,
         "n_eval": int(ev["n_instances"]),
         "acc_full": 100.0 * float(ev["acc_full"]),
         "acc_decomposed": 100.0 * float(ev["acc_decomposed"]),

@@ -75,6 +75,8 @@ class TrialSpec:
     k1: int
     identity: dict[str, Any]  # what trial_id hashes
     map_seed: int = selection.SEED_NOT_APPLICABLE  # the random map's seed (one trial per seed)
+    lr: float | None = None  # the training lr (one trial per value of a mode's lr list); None: mode none
+    seed: int = 0  # the training seed (one trial per value of a mode's seeds)
 
 
 @dataclass
@@ -108,10 +110,23 @@ def map_seeds(cfg: SweepConfig, strategy: str) -> list[int]:
     return [selection.SEED_NOT_APPLICABLE]
 
 
+def mode_lrs(spec: RetrainSpec) -> list[float]:
+    """A retrain mode's learning rates: its ``lr`` list, or the one value."""
+    return [float(v) for v in spec.lr] if isinstance(spec.lr, (list, tuple)) else [float(spec.lr)]
+
+
+def mode_seeds(cfg: SweepConfig, spec: RetrainSpec) -> list[int]:
+    """A retrain mode's training seeds: its ``seeds``, else the sweep's ``seed``."""
+    return [int(s) for s in spec.seeds] if spec.seeds else [int(cfg.seed)]
+
+
 def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, strategy: str, k: int,
-                   map_seed: int = selection.SEED_NOT_APPLICABLE) -> dict[str, Any]:
-    """What a trial computes, the dict its ``trial_id`` hashes (changing it changes every committed id)."""
-    k1 = selection.K1_NOT_APPLICABLE if strategy in selection.K1_INDEPENDENT else k
+                   map_seed: int = selection.SEED_NOT_APPLICABLE, *, lr: float | None = None,
+                   seed: int | None = None) -> dict[str, Any]:
+    """What a trial computes, the dict its ``trial_id`` hashes (changing it changes every committed id).
+
+    ``lr`` and ``seed`` are the trial's own (default: the mode's one lr, the sweep's seed)."""
+    k1 = selection.K1_NOT_APPLICABLE if strategy in selection.K1_INDEPENDENT + (selection.FULL,) else k
     ident: dict[str, Any] = {
         "v": schema.TRIALS_SCHEMA_VERSION,
         "model": unit.key,
@@ -126,16 +141,19 @@ def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, s
         "eval_split": cfg.eval_split,
         "select_augment": cfg.select_augment,
         "correct_only": cfg.correct_only,
-        "seed": cfg.seed,
+        "seed": int(cfg.seed if seed is None else seed),
         "strategy": strategy,
         "k1": k1,
         "k2": k,
         "mode": mode,
     }
+    if cfg.val_fraction is not None:  # set only: the ids of sweeps without a validation split stay
+        ident["val_fraction"] = float(cfg.val_fraction)
     if map_seed != selection.SEED_NOT_APPLICABLE:
         ident["map_seed"] = int(map_seed)
     if mode != "none":
-        ident.update(epochs=int(spec.epochs), lr=float(spec.lr), batch_size=int(spec.batch_size),
+        ident.update(epochs=int(spec.epochs), lr=float(mode_lrs(spec)[0] if lr is None else lr),
+                     batch_size=int(spec.batch_size),
                      weight_decay=float(spec.weight_decay or 0.0))
     if mode == "finetune":
         ident.update(augment=spec.augment, precision=spec.precision, max_train_rows=spec.max_train_rows,
@@ -237,12 +255,17 @@ def _trials(cfg: SweepConfig, plan: SweepPlan, models: list[ModelSpec], strategi
             wanted = None if spec.k is None else parse_k_grid(spec.k, name=f"retrain.{mode}.k", m=m)
             ks = grid if wanted is None else [k for k in wanted if k in grid]
             off_grid.update(k for k in (wanted or ()) if k not in grid)
-            for s in strats:
-                for k in ks:
-                    for ms in map_seeds(cfg, s):
-                        ident = trial_identity(cfg, u, mode, spec, s, k, ms)
+            lrs = mode_lrs(spec) if mode != "none" else [None]
+            cells = [(s, k, ms) for s in strats for k in ks for ms in map_seeds(cfg, s)]
+            if mode != "none" and spec.control:  # the full head, once per (lr, seed): the like-for-like control
+                cells.append((selection.FULL, _feature_dim(plan, u), selection.SEED_NOT_APPLICABLE))
+            for s, k, ms in cells:
+                for lr in lrs:
+                    for sd in mode_seeds(cfg, spec):
+                        ident = trial_identity(cfg, u, mode, spec, s, k, ms, lr=lr, seed=sd)
                         trials.append(TrialSpec(trial_id=config_lib.config_hash(ident), unit=u.key, mode=mode,
-                                                strategy=s, k=k, k1=ident["k1"], identity=ident, map_seed=ms))
+                                                strategy=s, k=k, k1=ident["k1"], identity=ident, map_seed=ms,
+                                                lr=ident.get("lr"), seed=ident["seed"]))
         if off_grid:
             print(f"[sweep] note: retrain.{mode}.k {sorted(off_grid)} not in the k grid {plan.grid}: skipped", flush=True)
     return trials
@@ -310,6 +333,7 @@ def decompose_config(plan: SweepPlan, unit: Unit) -> DecomposeConfig:
         select_seed=cfg.seed,
         extract_missing=cfg.select_augment is not None,
         correct_only=cfg.correct_only,
+        val_fraction=cfg.val_fraction,
         strategies=unit_strategies(cfg, unit),
         k1=list(grid),
         k2_max=int(grid[-1]),

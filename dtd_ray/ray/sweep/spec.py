@@ -20,7 +20,7 @@ from pydantic import Field
 
 from dtd_ray import config as config_lib
 from dtd_ray.config import config_class
-from dtd_ray.core import selection
+from dtd_ray.core import holdout, selection
 from dtd_ray.core.kgrid import k_shares, parse_k_grid
 from dtd_ray.io import storage
 from dtd_ray.models import factories
@@ -60,7 +60,9 @@ class RetrainSpec:
     strategies: Annotated[tuple[str, ...] | None, Field(description="strategies of this mode (default: all of the sweep's)")] = None
     models: Annotated[tuple[str, ...] | None, Field(description="model tags of this mode (default: every model of the sweep)")] = None
     epochs: Annotated[int | None, Field(description="training epochs (default: head 10, finetune 1)")] = None
-    lr: Annotated[float | None, Field(description="Adam learning rate (default: head 1e-2, finetune 1e-4)")] = None
+    lr: Annotated[Any, Field(description="Adam learning rate (default: head 1e-2, finetune 1e-4); a list makes a trial per value, and the report keeps the one with the best validation accuracy (val_fraction)")] = None
+    seeds: Annotated[tuple[int, ...] | None, Field(description="training seeds, a trial per seed (default: the sweep's seed): order, augmentation, init")] = None
+    control: Annotated[bool, Field(description="also train the full head (every class keeps all m features) with the same recipe, per seed and lr: the like-for-like control of the decomposed heads (strategy \"full\")")] = False
     batch_size: Annotated[int | None, Field(description="training batch size (default: head 512, finetune 128)")] = None
     weight_decay: Annotated[float | None, Field(description="weight decay (default 0)")] = None
     augment: Annotated[str | None, Field(description="finetune: training augmentation, \"cifar\" or \"none\" (default \"cifar\")")] = None
@@ -75,7 +77,8 @@ class RetrainSpec:
 # The options each mode accepts.
 MODE_OPTIONS = {
     "none": ("k", "strategies", "models"),
-    "head": ("k", "strategies", "models", "epochs", "lr", "batch_size", "weight_decay", "cpus", "max_concurrent"),
+    "head": ("k", "strategies", "models", "epochs", "lr", "seeds", "control", "batch_size", "weight_decay", "cpus",
+             "max_concurrent"),
     "finetune": tuple(f.name for f in dataclasses.fields(RetrainSpec)),
 }
 # Each mode's defaults: the trainables' own table (mode none trains nothing).
@@ -98,6 +101,7 @@ class SweepConfig:
     train_split: Annotated[str, Field(description="split the maps are selected from and heads are retrained on")] = "train"
     train_rows: Annotated[int | None, Field(description="extract and use a seeded random subset of this many train_split rows (None: all); eval_split is always whole")] = None
     eval_split: Annotated[str, Field(description="split every accuracy is measured on")] = "test"
+    val_fraction: Annotated[float | None, Field(description="hold this share of train_split out as the validation split (seeded by `seed`, per sample_id; dtd_ray.core.holdout): maps, heads and fine-tuning fit on the rest; lr, best epoch and k1 are chosen on it, never on eval_split")] = None
     select_augment: Annotated[str | None, Field(description="select the maps from an augmented pass of train_split (\"cifar\", as the paper's maps)")] = None
     correct_only: Annotated[bool, Field(description="count only correctly classified instances when selecting maps")] = False
     kmax: Annotated[int, Field(description="ranked feature indices stored per instance (≥ the largest k of frequency)")] = 64
@@ -120,6 +124,7 @@ class SweepConfig:
         # plan_sweep validate the entries.
         if self.train_rows is not None and self.train_rows < 1:
             raise ValueError(f"train_rows must be >= 1, got {self.train_rows}")
+        holdout.check_fraction(self.val_fraction)
         if self.extract_precision not in PRECISIONS:
             raise ValueError(f"extract_precision must be one of {', '.join(PRECISIONS)}, got {self.extract_precision!r}")
         if isinstance(self.models, (tuple, str, dict)):
@@ -296,7 +301,15 @@ def resolve_retrain(cfg: SweepConfig) -> dict[str, RetrainSpec]:
         if bad:
             raise ValueError(f"retrain.{mode}.strategies: unknown strategy {bad[0]!r}; "
                              f"valid: {', '.join(selection.STRATEGIES)}")
-        if mode != "none" and (int(spec.epochs) < 1 or float(spec.lr) <= 0 or int(spec.batch_size) < 1):
-            raise ValueError(f"retrain.{mode}: epochs and batch_size must be ≥ 1 and lr > 0")
+        if mode != "none":
+            lrs = spec.lr if isinstance(spec.lr, (list, tuple)) else [spec.lr]
+            try:
+                spec.lr = [float(v) for v in lrs] if isinstance(spec.lr, (list, tuple)) else float(spec.lr)
+            except (TypeError, ValueError):
+                raise ValueError(f"retrain.{mode}.lr must be a number or a list of numbers, got {spec.lr!r}") from None
+            if int(spec.epochs) < 1 or int(spec.batch_size) < 1 or not lrs or min(float(v) for v in lrs) <= 0:
+                raise ValueError(f"retrain.{mode}: epochs and batch_size must be ≥ 1 and lr > 0")
+            if spec.seeds is not None and (not spec.seeds or len(set(spec.seeds)) != len(spec.seeds)):
+                raise ValueError(f"retrain.{mode}.seeds must be a non-empty list of distinct seeds, got {spec.seeds!r}")
         out[mode] = spec
     return out

@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from dtd_ray import console
-from dtd_ray.core import stats
+from dtd_ray.core import holdout, stats
 from dtd_ray.io import records, schema
 from dtd_ray.models.linear_head import load_head
 from dtd_ray.ray import cluster, trainables
@@ -76,10 +76,12 @@ def trainable_config(plan: SweepPlan, unit: Unit, t: TrialSpec, idx: np.ndarray,
         "eval_split": cfg.eval_split,
         "idx": np.asarray(idx).astype(int).tolist(),
         "epochs": int(spec.epochs),
-        "lr": float(spec.lr),
+        "lr": float(t.lr),
         "batch_size": int(spec.batch_size),
         "weight_decay": float(spec.weight_decay or 0.0),
-        "seed": int(cfg.seed),
+        "seed": int(t.seed),
+        "val_fraction": cfg.val_fraction,
+        "val_seed": int(cfg.seed),  # the split is the sweep's, whatever the trial's training seed
     }
     if t.mode == "head":
         return {"records": f"{plan.output}/records", "model": unit.key, **common, "use_gpu": False,
@@ -102,24 +104,49 @@ def trainable_config(plan: SweepPlan, unit: Unit, t: TrialSpec, idx: np.ndarray,
 
 
 def head_data(plan: SweepPlan, unit: Unit) -> dict[str, np.ndarray]:
-    """Cached features, labels and the original head of one unit (put in the object store once)."""
+    """Cached features, labels and the original head of one unit (put in the object store once); with a
+    validation split, the training rows without it and the held-out rows as ``val_*``."""
     root = f"{plan.output}/records"
     tr = records.load_records(root, model=unit.key, split=plan.cfg.train_split, columns=[schema.LABEL, schema.FEATURES])
     ev = records.load_records(root, model=unit.key, split=plan.cfg.eval_split, columns=[schema.LABEL, schema.FEATURES])
     man = records.read_manifest(root, model=unit.key, split=plan.cfg.train_split)
     w, b, _ = load_head(root=root, manifest=man)
-    return {
-        "train_features": tr[schema.FEATURES].astype(np.float32, copy=False),
-        "train_labels": tr[schema.LABEL].astype(np.int64),
+    val = holdout.val_mask(sample_id=tr[schema.SAMPLE_ID], fraction=plan.cfg.val_fraction, seed=plan.cfg.seed)
+    f, y = tr[schema.FEATURES].astype(np.float32, copy=False), tr[schema.LABEL].astype(np.int64)
+    out = {
+        "train_features": f[~val] if val.any() else f,
+        "train_labels": y[~val] if val.any() else y,
         "eval_features": ev[schema.FEATURES].astype(np.float32, copy=False),
         "eval_labels": ev[schema.LABEL].astype(np.int64),
         "weight": w.astype(np.float32),
         "bias": b.astype(np.float32),
     }
+    if val.any():
+        out.update(val_features=f[val], val_labels=y[val])
+    return out
 
 
 def _float(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+def epoch_history(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A trial's results with ``acc_eval``, one per epoch in epoch order (a result repeated after a
+    restore, or an epoch replayed after a failure, counts once: the latest)."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for i, r in enumerate(results):
+        if "acc_eval" in r:
+            by_epoch[int(r.get("epoch", i + 1))] = r
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def best_epoch(history: list[dict[str, Any]]) -> int:
+    """The position in ``history`` (:func:`epoch_history`) of the head a trial's row keeps: the best
+    ``acc_val`` (the earliest of equals) where every epoch reported one, else the last. Never chosen
+    on the eval split."""
+    if history and all(h.get("acc_val") is not None for h in history):
+        return int(np.argmax([float(h["acc_val"]) for h in history]))
+    return len(history) - 1
 
 
 class RowWriter(tune.Callback):
@@ -171,20 +198,25 @@ class RowWriter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid = trial.config["trial_id"]
-        hist = [h for h in self.history.get(tid, []) if "acc_eval" in h]
+        hist = epoch_history(self.history.get(tid, []))
         if not hist:
             self.failed.append(tid)
             self._write(f"[sweep] trial {tid} finished without reporting acc_eval: no row written")
             self._advance()
             return
         first, last = hist[0], hist[-1]
+        chosen = hist[best_epoch(hist)]
         ckpt = getattr(trial, "checkpoint", None)
         row = dict(self.rows[tid])
+        have_val = all("acc_val" in h for h in hist)
         row.update(
             acc_decomposed_init=_float(first.get("acc_decomposed_init")),
-            acc_retrained=_float(last.get("acc_eval")),
+            acc_retrained=_float(chosen.get("acc_eval")),
             acc_by_epoch=[float(h["acc_eval"]) for h in hist],
-            outcomes=stats.outcomes_from_text(last["outcomes"]) if last.get("outcomes") else None,
+            acc_val=_float(chosen.get("acc_val")) if have_val else None,
+            acc_val_by_epoch=[float(h["acc_val"]) for h in hist] if have_val else None,
+            best_epoch=int(chosen.get("epoch", len(hist))),
+            outcomes=stats.outcomes_from_text(chosen["outcomes"]) if chosen.get("outcomes") else None,
             loss=_float(last.get("loss")),
             seconds=_float(last.get("time_total_s", sum(float(h.get("seconds") or 0) for h in hist))),
             checkpoint=getattr(ckpt, "path", None),
