@@ -111,3 +111,83 @@ def test_channel_l1_and_block_hooks():
     np.testing.assert_allclose(psi["psi_median"], [2 / 3, 2 / 3])
     with pytest.raises(ValueError, match="unknown block"):
         analysis.block_channel_norms(backbone=net, batches=batches, blocks=["b3"])
+
+
+# ----------------------------------------------------------------------------- matched ablations
+
+
+def _ablation_reference(f, y, w, b, sets, repl):
+    """Instance by instance: ablate the instance's class set with ``repl`` rows, predict with the full head."""
+    out = np.zeros(len(f))
+    for i in range(len(f)):
+        x = f[i].copy()
+        for j in sets[y[i]]:
+            x[j] = repl[i][j]
+        out[i] = float(np.argmax(w @ x + b) == y[i])
+    return out
+
+
+def test_mean_and_permutation_ablations_match_a_loop():
+    rng = np.random.default_rng(0)
+    C, m, N, k = 4, 12, 80, 3
+    f = np.abs(rng.normal(size=(N, m))) + 0.1
+    y = rng.integers(0, C, N)
+    w, b = rng.normal(size=(C, m)), rng.normal(size=C)
+    idx = np.stack([rng.choice(m, k, replace=False) for _ in range(C)])
+    mu = np.abs(rng.normal(size=m))
+    got = analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=b, idx=idx, kind="mean", means=mu, seeds=[0])
+    np.testing.assert_array_equal(got["selected"], _ablation_reference(f, y, w, b, idx, np.tile(mu, (N, 1))))
+    perm = np.random.default_rng([0, 2]).permutation(N)
+    got = analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=b, idx=idx, kind="permute", seeds=[0])
+    np.testing.assert_array_equal(got["selected"], _ablation_reference(f, y, w, b, idx, f[perm]))
+    # the random sets: k of each class's other features, drawn from default_rng([seed, 1, y])
+    rand = []
+    for c in range(C):
+        others = np.setdiff1d(np.arange(m), idx[c])
+        rand.append(np.random.default_rng([0, 1, c]).choice(others, size=k, replace=False))
+    np.testing.assert_array_equal(got["random"], _ablation_reference(f, y, w, b, rand, f[perm]))
+    assert all(len(set(r) & set(i)) == 0 for r, i in zip(rand, idx))
+    # two seeds: the mean of the two single-seed outcomes
+    two = analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=b, idx=idx, kind="permute", seeds=[0, 1])
+    one = analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=b, idx=idx, kind="permute", seeds=[1])
+    np.testing.assert_allclose(two["random"], (got["random"] + one["random"]) / 2)
+
+
+def test_ablating_the_features_a_class_relies_on_hurts_more_than_random_ones():
+    # class c's logit reads features 2c and 2c+1 only: taking those from another (mostly other-class)
+    # instance removes its evidence; two of its other features taken the same way leave it intact
+    rng = np.random.default_rng(1)
+    C, m, N = 4, 16, 400
+    y = rng.integers(0, C, N)
+    f = rng.random((N, m)) * 0.1
+    f[np.arange(N), 2 * y] += 3.0
+    f[np.arange(N), 2 * y + 1] += 3.0
+    w = np.zeros((C, m))
+    for c in range(C):
+        w[c, [2 * c, 2 * c + 1]] = 1.0
+    idx = np.array([[2 * c, 2 * c + 1] for c in range(C)])
+    got = analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=np.zeros(C), idx=idx, kind="permute",
+                                     seeds=[0, 1, 2])
+    assert got["selected"].mean() < 0.6 and got["random"].mean() == 1.0
+
+
+def test_ablation_bad_input_is_one_line():
+    f, y, w, b = np.ones((3, 4)), np.zeros(3, int), np.ones((2, 4)), np.zeros(2)
+    with pytest.raises(ValueError, match="kind must be"):
+        analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=b, idx=[[0], [1]], kind="zero")
+    with pytest.raises(ValueError, match="needs the training split's feature means"):
+        analysis.ablation_outcomes(features=f, labels=y, weight=w, bias=b, idx=[[0], [1]], kind="mean")
+
+
+def test_weighted_psi_is_psi_of_the_own_class_contributions():
+    rng = np.random.default_rng(2)
+    f, w = np.abs(rng.normal(size=(50, 8))), rng.normal(size=(3, 8))
+    y = rng.integers(0, 3, 50)
+    want = analysis.psi(values=np.abs(w[y] * f), q=0.9)
+    np.testing.assert_array_equal(analysis.weighted_psi(features=f, labels=y, weight=w, q=0.9), want)
+    # one feature dominating the weighted values: Ψ_w = 1/m while plain Ψ is larger
+    f1 = np.ones((1, 8))
+    w1 = np.full((1, 8), 1e-3)
+    w1[0, 3] = 10.0
+    assert analysis.weighted_psi(features=f1, labels=[0], weight=w1, q=0.9)[0] == pytest.approx(1 / 8)
+    assert analysis.psi(values=f1, q=0.9)[0] > 0.5

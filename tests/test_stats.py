@@ -75,3 +75,46 @@ def test_pack_round_trip():
     np.testing.assert_array_equal(stats.unpack_outcomes(stats.outcomes_from_text(stats.outcomes_text(o)), n=len(o)), o)
     with pytest.raises(ValueError, match="cannot hold"):
         stats.unpack_outcomes(data, n=20_000)
+
+
+# ----------------------------------------------------------------------------- two-level bootstrap
+
+
+def test_two_level_estimate_matches_a_loop_over_resamples():
+    rng = np.random.default_rng(0)
+    S, N, B = 3, 200, 300
+    v = rng.integers(0, 2, (S, N)).astype(float) - rng.integers(0, 2, (S, N))
+    counts = stats.bootstrap_counts(n=N, n_boot=B, seed=4)
+    draws = stats.seed_counts(n_seeds=S, n_boot=B)
+    theta = []
+    for b in range(B):
+        idx = np.repeat(np.arange(N), counts[b].astype(int))  # the resampled images
+        seeds = np.repeat(np.arange(S), draws[b].astype(int))  # the resampled seeds
+        theta.append(np.mean([v[s][idx].mean() for s in seeds]))
+    lo, hi = np.quantile(theta, [0.025, 0.975])
+    est = stats.two_level_estimate(values=v, counts=counts, seed_draws=draws)
+    assert est.value == pytest.approx(v.mean())
+    assert (est.lo, est.hi) == pytest.approx((lo, hi))
+
+
+def test_two_level_interval_carries_the_seed_variance():
+    rng = np.random.default_rng(1)
+    N = 2000
+    counts = stats.bootstrap_counts(n=N, n_boot=1000, seed=0)
+    base = rng.integers(0, 2, N).astype(float)
+    same = np.stack([base, base, base])
+    spread = np.stack([base, (rng.random(N) < 0.3).astype(float), np.ones(N)])  # seeds far apart
+    one = stats.two_level_estimate(values=base[None], counts=counts)
+    plain = stats.estimate(values=base, counts=counts)
+    assert (one.lo, one.hi) == pytest.approx((plain.lo, plain.hi))  # one seed: the image bootstrap
+    eq = stats.two_level_estimate(values=same, counts=counts)
+    assert (eq.lo, eq.hi) == pytest.approx((one.lo, one.hi))  # identical seeds: the image interval
+    wide = stats.two_level_estimate(values=spread, counts=counts)
+    assert wide.hi - wide.lo > 3 * (one.hi - one.lo)
+
+
+def test_seed_counts_rows_sum_to_the_seeds():
+    d = stats.seed_counts(n_seeds=3, n_boot=50)
+    assert d.shape == (50, 3) and (d.sum(1) == 3).all()
+    with pytest.raises(ValueError, match="expected"):
+        stats.two_level_estimate(values=np.zeros(5), counts=stats.bootstrap_counts(n=5, n_boot=4))

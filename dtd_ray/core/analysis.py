@@ -6,7 +6,16 @@
   the class's selected features ``f_j, j ∈ I_y`` by ``N(0, 1)`` noise, and separately
   replace all its other features ``f_j, j ∉ I_y``; the per-class accuracy of both (and
   of the clean features). Selected features are essential when the first collapses and
-  the second does not.
+  the second does not. Noise of unit variance on features whose class mean is larger is also a
+  shift, and the two sets differ in size (k against m − k), so the test is kept as a labelled
+  extra beside :func:`ablation_outcomes`, the matched version.
+* :func:`ablation_outcomes` — matched ablations: for the instances of class ``y``, the
+  class's ``k`` selected features are set to their mean over the training split
+  (``kind="mean"``) or replaced by the same features of other instances (``kind="permute"``,
+  one permutation of the evaluated rows per seed), against the same ablation of ``k`` of
+  the class's other features drawn at random: equal counts, values from the features' own
+  distribution. Another strategy's map ablated the same way (top-|W|, contribution) is that
+  strategy's row.
 * :func:`psi` — per instance, the share of channels that hold a fraction ``q`` of the
   L1 mass: with ``|v|`` sorted descending and ``n_q`` the smallest count whose prefix sum
   is ≥ ``q · Σ|v|``, ``Ψ = n_q / m``. Smaller Ψ means the mass sits on fewer features
@@ -146,6 +155,67 @@ def essentiality_test(
     return out
 
 
+def ablation_outcomes(
+    *,
+    features: Any,
+    labels: Any,
+    weight: Any,
+    bias: Any,
+    idx: Any,
+    kind: str,
+    means: Any = None,
+    seeds: Sequence[int] = (0,),
+) -> dict[str, np.ndarray]:
+    """Per instance, the share of ``seeds`` under which it stays right when features of its class are ablated.
+
+    With ``S_y`` a set of features of class ``y`` and ``i`` an instance of ``y``:
+
+        mean:     f'_ij = μ_j                 for j ∈ S_y   (μ: ``means``, the training split's means)
+        permute:  f'_ij = f_{π(i), j}         for j ∈ S_y   (π: a permutation of all rows, per seed)
+
+    other features unchanged; the original head ``W f' + b`` predicts. ``selected`` uses
+    ``S_y = I_y`` (the map, (C, k)); ``random`` uses k features drawn without replacement
+    from the class's m − k others by ``numpy.random.default_rng([s, 1, y])``. Seeds only
+    matter where something is drawn (the permutation, the random set): ``mean`` of the
+    selected features is the same for every seed. Returns ``{"selected": (N,), "random": (N,)}``
+    (floats in [0, 1], input order).
+    """
+    if kind not in ("mean", "permute"):
+        raise ValueError(f"kind must be 'mean' or 'permute', got {kind!r}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty")
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    C, m = w.shape
+    if f.ndim != 2 or f.shape[1] != m or y.shape != (f.shape[0],):
+        raise ValueError(f"features {f.shape} and labels {y.shape} do not match a head of width {m}")
+    I = heads.check_map(idx, num_classes=C, feature_dim=m).numpy()
+    k = I.shape[1]
+    mu = None
+    if kind == "mean":
+        mu = None if means is None else np.asarray(means, dtype=np.float64)
+        if mu is None or mu.shape != (m,):
+            raise ValueError(f"kind='mean' needs the training split's feature means, shape ({m},)")
+    N = f.shape[0]
+    sel = np.zeros((C, m), dtype=bool)
+    sel[np.arange(C)[:, None], I] = True
+    out = {"selected": np.zeros(N), "random": np.zeros(N)}
+    for s in seeds:
+        rand = np.zeros((C, m), dtype=bool)
+        for c in range(C):
+            others = np.flatnonzero(~sel[c])
+            pick = np.random.default_rng([s, 1, c]).choice(others, size=min(k, others.size), replace=False)
+            rand[c, pick] = True
+        repl = np.broadcast_to(mu, f.shape) if kind == "mean" else f[np.random.default_rng([s, 2]).permutation(N)]
+        for name, sets in (("selected", sel), ("random", rand)):
+            x = np.where(sets[y], repl, f)  # sets[y]: (N, m), the features ablated for each instance's class
+            out[name] += ((x @ w.T + b).argmax(1) == y) / len(seeds)
+    return out
+
+
 # --------------------------------------------------------------------------- Ψ
 
 
@@ -172,6 +242,19 @@ def psi(*, values: Any, q: float = 0.9) -> np.ndarray:
     out = n_q / m
     out[total[:, 0] <= 0] = np.nan
     return out
+
+
+def weighted_psi(*, features: Any, labels: Any, weight: Any, q: float = 0.9) -> np.ndarray:
+    """Ψ of the contributions to the instance's own class logit: :func:`psi` of ``|W[y_i, j] · f_ij|`` (N,).
+
+    Plain Ψ counts a large feature that the head barely weighs; this one measures how few
+    features carry the class's evidence."""
+    f = np.asarray(features, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if f.ndim != 2 or f.shape[1] != w.shape[1] or y.shape != (f.shape[0],):
+        raise ValueError(f"features {f.shape}, labels {y.shape} and weight {w.shape} do not match")
+    return psi(values=w[y] * f, q=q)
 
 
 def psi_by_class(*, values: Any, labels: Any, num_classes: int, q: float = 0.9) -> dict[str, Any]:

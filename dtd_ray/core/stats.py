@@ -15,6 +15,9 @@ Built bottom-up:
 * :func:`percentile_interval` — the ``(α/2, 1 − α/2)`` quantiles of the resampled values;
 * :func:`estimate` — point estimate + interval of a linear statistic ``mean(v)``;
   differences are linear too: pass ``v = a − b`` (paired);
+* :func:`seed_counts` / :func:`two_level_estimate` — where a number is a mean over
+  training seeds as well as over test images (fine-tuning runs), a two-level bootstrap:
+  resample the seeds, then the images, so the interval carries both variances;
 * :func:`verdict` — "supported" / "contradicted" / "not resolved" from an interval;
 * :func:`pack_outcomes` / :func:`unpack_outcomes` — per-instance 0/1 outcomes stored as
   bits (a trial row carries its own, 1.25 kB for 10,000 test images); :func:`outcomes_text`
@@ -97,6 +100,45 @@ def estimate(*, values: Any, counts: np.ndarray, level: float = LEVEL, totals: n
     """
     v = np.asarray(values, dtype=np.float64)
     lo, hi = percentile_interval(resampled_means(values=v, counts=counts, totals=totals), level=level)
+    return Estimate(float(v.mean()), lo, hi)
+
+
+def seed_counts(*, n_seeds: int, n_boot: int = N_BOOT, seed: int = 1) -> np.ndarray:
+    """``(n_boot, n_seeds)`` multiplicities of the training seeds, resampled with replacement
+    (``Multinomial(S, 1/S)`` per row; drawn from ``default_rng([seed, S])``, apart from the image resamples)."""
+    if n_seeds < 1 or n_boot < 1:
+        raise ValueError(f"need n_seeds >= 1 and n_boot >= 1, got {n_seeds}, {n_boot}")
+    rng = np.random.default_rng([int(seed), int(n_seeds)])
+    return rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot).astype(np.float64)
+
+
+def two_level_estimate(*, values: Any, counts: np.ndarray, seed_draws: np.ndarray | None = None,
+                       level: float = LEVEL) -> Estimate:
+    """The mean over seeds and instances of ``values`` (S, N), with a two-level bootstrap interval.
+
+    Resample ``b`` draws the seeds (``seed_draws[b]``, :func:`seed_counts`) and the instances
+    (``counts[b]``, the test set's :func:`bootstrap_counts`, shared with every other statistic
+    of that set) and computes
+
+        θ_b = Σ_s (d_bs / S) · Σ_i c_bi v_si / Σ_i c_bi,
+
+    so the interval holds the seed-to-seed variance as well as the test images'. For a paired
+    difference of two arms trained with the same seeds pass ``values = a − b`` row by row
+    (the seeds are drawn jointly). One seed reduces to :func:`estimate`.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != counts.shape[1]:
+        raise ValueError(f"values have shape {v.shape}, expected (seeds, {counts.shape[1]})")
+    if not np.isfinite(v).all():
+        raise ValueError("values contain NaN or inf")
+    S = v.shape[0]
+    d = seed_counts(n_seeds=S, n_boot=counts.shape[0]) if seed_draws is None else np.asarray(seed_draws, np.float64)
+    if d.shape != (counts.shape[0], S):
+        raise ValueError(f"seed_draws have shape {d.shape}, expected ({counts.shape[0]}, {S})")
+    c = counts.astype(np.float64, copy=False)
+    per_seed = (c @ v.T) / c.sum(axis=1, keepdims=True)  # (B, S): each seed's mean on resample b's images
+    theta = (d * per_seed).sum(axis=1) / S
+    lo, hi = percentile_interval(theta, level=level)
     return Estimate(float(v.mean()), lo, hi)
 
 

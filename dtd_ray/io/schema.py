@@ -130,6 +130,9 @@ INSTANCES_SCHEMA = pa.schema(
         pa.field(LABEL, pa.int32()),
         pa.field("correct_full", pa.bool_()),  # the original head's prediction is the label
         pa.field("psi", pa.float64()),  # Ψ: share of the features holding q of the L1 mass (NaN: no mass)
+        pa.field("psi_q80", pa.float64()),  # the same at q = 0.8
+        pa.field("psi_q95", pa.float64()),  # … and at q = 0.95
+        pa.field("psi_weighted", pa.float64()),  # Ψ at q of |W[y, j] f_j|: the own class logit's contributions
     ]
 )
 
@@ -145,6 +148,11 @@ ESSENTIALITY_SCHEMA = pa.schema(
         pa.field("clean", pa.float64()),  # 0/1: classified as its class with its own features
         pa.field("selected_noise", pa.float64()),  # share of noise seeds still right with I_y replaced by noise
         pa.field("others_noise", pa.float64()),  # the same with the other m − k features replaced
+        # matched ablations (core.analysis.ablation_outcomes), shares of the noise seeds still right:
+        pa.field("mean_selected", pa.float64()),  # I_y set to the training split's feature means
+        pa.field("mean_random", pa.float64()),  # k random other features of the class set to their means
+        pa.field("permute_selected", pa.float64()),  # I_y taken from a permuted instance
+        pa.field("permute_random", pa.float64()),  # k random other features taken from a permuted instance
     ]
 )
 

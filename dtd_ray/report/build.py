@@ -20,14 +20,15 @@ from dtd_ray import console
 from dtd_ray.cli import Command
 from dtd_ray.config import config_class
 from dtd_ray.core import selection, stats
-from dtd_ray.io import storage
+from dtd_ray.io import layout, storage
+from dtd_ray.report import protocol
 from dtd_ray.report.cam import cam_figure
 from dtd_ray.report.claims import Claim, claims_frame, claims_table, findings
 from dtd_ray.report.evidence import Evidence, evidence_or_none
 from dtd_ray.report.families import FamilyView, family_view
 from dtd_ray.report.localisation_summary import localisation_differences, localisation_section, read_localisation
 from dtd_ray.report.plots import (plot_accuracy_vs_k, plot_accuracy_vs_share, plot_gap_vs_depth, plot_head_cost,
-                                  plot_psi_vs_depth, plot_retraining)
+                                  plot_kgrid, plot_psi_vs_depth, plot_retraining)
 from dtd_ray.report.tables import (EXTRACTION_FILE, MODE_LABELS, SweepOutput, accuracy_by_k, copy_tables,
                                    extraction_table, headline_table, markdown_table, model_table, read_sweep)
 
@@ -59,6 +60,9 @@ class ReportTables:
     findings: list[str]
     localisation: pd.DataFrame | None  # selected − each alternative on the canvases, where the sweep has them
     families: FamilyView  # the cross-family questions, where the models differ in family or width
+    c1: pd.DataFrame  # C1 by both measures, against the controls, at every margin (protocol.c1_table)
+    kgrid: dict[str, dict[str, Any]]  # model -> its (k1, k2) grid and the k1 chosen on validation
+    choices: pd.DataFrame  # what the validation split chose
 
 
 def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
@@ -71,16 +75,32 @@ def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
     ks = sorted(set(int(x) for x in trials["k2"]))
     if k not in ks:
         raise ValueError(f"--k {k} is not in the sweep's k grid {ks}")
-    ev = evidence_or_none(sw.root, trials)
+    ev = evidence_or_none(sw.root, trials, selection=layout.sweep_selection(sw.config))
     psi = {m: float(np.nanmean(ev.psi(m))) for m in ev.instances} if ev is not None else None
     models = model_table(trials, sw.analysis, psi=psi)
     loc, _ = read_localisation(sw.root)
     diffs = localisation_differences(loc) if not loc.empty else None
+    grids = {}
+    if sw.eval_test is not None and len(sw.eval_test) and "frequency" in set(trials["strategy"]):
+        grids = {m: protocol.kgrid_tables(sw.eval_test, sw.eval_val, model=m) for m in models["model"]}
     return ReportTables(evidence=ev, models=models, headline=headline_table(trials, models, k=k),
-                        claims=claims_table(trials, models, k=k, evidence=ev, localisation=diffs),
+                        claims=claims_table(trials, models, k=k, evidence=ev, localisation=diffs,
+                                            controls=sw.with_controls),
                         localisation=diffs,
                         findings=findings(trials, models, k=k, evidence=ev),
-                        families=family_view(trials, models, k=k, evidence=ev))
+                        families=family_view(trials, models, k=k, evidence=ev),
+                        c1=protocol.c1_table(sw.with_controls if sw.with_controls is not None else trials, ev, k=k),
+                        kgrid=grids, choices=sw.choices if sw.choices is not None else pd.DataFrame())
+
+
+def _val_split(trials: pd.DataFrame) -> str | None:
+    v = trials["val_split"].dropna().unique() if "val_split" in trials else []
+    return str(v[0]) if len(v) else None
+
+
+def _n_val(sw: SweepOutput) -> int | None:
+    ev = sw.eval_val
+    return int(ev["n_instances"].iloc[0]) if ev is not None and len(ev) else None
 
 
 def make_report(cfg: ReportConfig) -> dict[str, Any]:
@@ -115,6 +135,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
         plots["Retraining recovery"] = "plots/retraining.png"
     plot_head_cost(trials, models, _p("head_cost.png"))
     plots["Head cost"] = "plots/head_cost.png"
+    if rt.kgrid and plot_kgrid(rt.kgrid, models, _p("kgrid.png")):
+        plots["The (k1, k2) grid, frequency"] = "plots/kgrid.png"
 
     cams: list[dict[str, Any]] = []
     units = {u["key"]: u for u in sw.config.get("resolved", {}).get("units", [])}
@@ -147,7 +169,10 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                          extraction=extraction,
                          claims=claims_frame(claims),
                          localisation=localisation_section(sw.root, differences=rt.localisation),
-                         families=rt.families.markdown(markdown_table))
+                         families=rt.families.markdown(markdown_table),
+                         protocol_md=protocol.sections(c1=rt.c1, kgrid=rt.kgrid, choices=rt.choices,
+                                                       val_split=_val_split(trials), n_val=_n_val(sw),
+                                                       table=markdown_table))
     path = os.path.join(work, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write(md)
@@ -179,6 +204,7 @@ def render_markdown(
     localisation: list[str] | None = None,
     families: list[str] | None = None,
     extraction: pd.DataFrame | None = None,
+    protocol_md: list[str] | None = None,
 ) -> str:
     """The text of ``report.md``: the headline table, the findings, the tables by k, retraining,
     essentiality and Ψ, head cost, the activation maps' summary and the plots (``title → path``)."""
@@ -213,6 +239,8 @@ def render_markdown(
         L += [""] + list(localisation)
     if families:
         L += [""] + list(families)
+    if protocol_md:
+        L += [""] + list(protocol_md)
     L += ["", "## Decomposed accuracy against k (no retraining)", ""]
     acc = accuracy_by_k(trials)
     for s in [s for s in selection.STRATEGIES if s in set(acc["strategy"])]:
@@ -230,7 +258,7 @@ def render_markdown(
     if len(rt):
         L += ["## Retraining", ""]
         t = rt.assign(k=rt["k2"]).pivot_table(index=["model", "strategy", "k"], columns="retrain_mode",
-                                              values="acc_retrained", aggfunc="first")
+                                              values="acc_retrained", aggfunc="mean")
         base = acc.set_index(["model", "strategy", "k"])["acc_decomposed"]
         t.insert(0, "decomposed", base.reindex(t.index))
         t = t[["decomposed"] + [m for m in ("head", "finetune") if m in t.columns]]

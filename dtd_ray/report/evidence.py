@@ -26,6 +26,8 @@ from dtd_ray.core import stats
 from dtd_ray.io import layout, storage
 
 SCALE = 100.0  # accuracies and their differences in points of %
+ESSENTIALITY_COLUMNS = ("clean", "selected_noise", "others_noise", "mean_selected", "mean_random",
+                        "permute_selected", "permute_random")
 
 
 @dataclass
@@ -41,11 +43,13 @@ class Evidence:
     _outcomes: dict[tuple, list] | None = field(default=None, repr=False)
 
     @classmethod
-    def read(cls, root: str, trials: pd.DataFrame, *, n_boot: int = stats.N_BOOT, seed: int = 0) -> "Evidence":
-        inst = layout.read_table(storage.join(root, "decompose", "instances"))
+    def read(cls, root: str, trials: pd.DataFrame, *, n_boot: int = stats.N_BOOT, seed: int = 0,
+             selection: dict | None = None) -> "Evidence":
+        """``selection`` (:func:`dtd_ray.io.layout.sweep_selection`): the tables of that selection only."""
+        inst = layout.of_selection(layout.read_table(storage.join(root, "decompose", "instances")), selection)
         by_model = {str(m): d.sort_values("sample_id").reset_index(drop=True) for m, d in inst.groupby("model")} \
             if not inst.empty else {}
-        ess = layout.read_table(storage.join(root, "decompose", "essentiality"))
+        ess = layout.of_selection(layout.read_table(storage.join(root, "decompose", "essentiality")), selection)
         return cls(trials=trials, instances=by_model, essentiality=ess, n_boot=n_boot, seed=seed)
 
     # ------------------------------------------------------------------ test sets
@@ -104,14 +108,17 @@ class Evidence:
         return np.mean(vals, axis=0)
 
     def essential(self, model: str, strategy: str) -> pd.DataFrame | None:
-        """Per instance: ``clean``, ``selected_noise``, ``others_noise`` (random: mean over map seeds)."""
+        """Per instance: ``clean``, ``selected_noise``, ``others_noise`` and, where the sweep has them, the
+        matched ablations (``mean_selected`` …; :data:`dtd_ray.io.schema.ESSENTIALITY_SCHEMA`); random: the
+        mean over its map seeds."""
         e = self.essentiality
         if e.empty:
             return None
         d = e[(e["model"] == model) & (e["strategy"] == strategy)]
         if d.empty:
             return None
-        return d.groupby("sample_id", sort=True)[["clean", "selected_noise", "others_noise"]].mean()
+        cols = [c for c in ESSENTIALITY_COLUMNS if c in d and d[c].notna().all()]
+        return d.groupby("sample_id", sort=True)[cols].mean()
 
     # ------------------------------------------------------------------ estimates
 
@@ -128,7 +135,7 @@ class Evidence:
         return stats.estimate(values=v, counts=c, totals=np.full(c.shape[0], float(c.shape[1]))).scaled(scale)
 
 
-def evidence_or_none(root: str, trials: pd.DataFrame) -> Evidence | None:
+def evidence_or_none(root: str, trials: pd.DataFrame, *, selection: dict | None = None) -> Evidence | None:
     """:meth:`Evidence.read`, or ``None`` for a sweep folder without per-instance tables."""
     try:
         fs, path = storage.resolve(root.rstrip("/"))
@@ -136,7 +143,7 @@ def evidence_or_none(root: str, trials: pd.DataFrame) -> Evidence | None:
             return None
     except (OSError, ValueError):
         return None
-    return Evidence.read(root, trials)
+    return Evidence.read(root, trials, selection=selection)
 
 
-__all__ = ["Evidence", "SCALE", "evidence_or_none"]
+__all__ = ["ESSENTIALITY_COLUMNS", "Evidence", "SCALE", "evidence_or_none"]

@@ -278,3 +278,29 @@ def plot_accuracy_vs_share(trials: pd.DataFrame, models: pd.DataFrame, path: str
     fig.suptitle(f"Decomposed head ({strategy}) against k and against k / m, one line per model", fontsize=10)
     fig.savefig(path)
     return True
+
+
+def plot_kgrid(grids: dict[str, dict], models: pd.DataFrame, path: str) -> bool:
+    """Per model, a heat map of the frequency map's decomposed test accuracy (%) at every (k1, k2 ≤ k1),
+    with the k1 the validation split chose per k2 ringed. False (nothing drawn) without grids."""
+    shown = models[models["model"].isin([m for m, g in grids.items() if not g["test"].empty])]
+    if shown.empty:
+        return False
+    fig, pairs = per_model_axes(shown, xlabel="k2")
+    for ax, mr in pairs:
+        g = grids[mr["model"]]
+        t = g["test"]
+        ax.grid(False)
+        im = ax.imshow(t.to_numpy(), origin="lower", aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(t.columns)), [str(c) for c in t.columns], fontsize=7)
+        ax.set_yticks(range(len(t.index)), [str(i) for i in t.index], fontsize=7)
+        ax.set_ylabel("k1")
+        ch = g["choice"]
+        if len(ch):
+            cols, rows = list(t.columns), list(t.index)
+            ax.scatter([cols.index(k2) for k2 in ch["k2"]], [rows.index(k1) for k1 in ch["k1 (val)"]], s=40,
+                       facecolors="none", edgecolors="white", linewidths=1.2, label="k1 chosen on validation")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="test accuracy (%)")
+    figure_legend(fig, [ax for ax, _ in pairs])
+    fig.savefig(path)
+    return True

@@ -29,9 +29,13 @@ MODE_LABELS = {"none": "decomposed", "head": "head retrained", "finetune": "fine
 class SweepOutput:
     root: str
     config: dict[str, Any]  # sweep_config.json
-    trials: pd.DataFrame
+    trials: pd.DataFrame  # one row per cell: lr chosen on validation (protocol.choose_on_val), no controls
     analysis: pd.DataFrame
     maps_files: dict[str, str]  # model -> maps parquet
+    with_controls: pd.DataFrame | None = None  # ``trials`` and the full-head control rows (strategy full)
+    choices: pd.DataFrame | None = None  # what the validation split chose (protocol.choose_on_val)
+    eval_test: pd.DataFrame | None = None  # decompose's eval table of the sweep's selection, eval split
+    eval_val: pd.DataFrame | None = None  # … and on the validation split (None without one)
 
 
 def read_dir(path: str) -> pd.DataFrame:
@@ -47,15 +51,28 @@ def read_sweep(root: str) -> SweepOutput:
     """The tables of a sweep's output folder (a local path or a URI such as ``s3://bucket/run``);
     a one-line ``FileNotFoundError`` if it holds no trials. ``maps_files`` are paths or URIs like ``root``."""
     root = root.rstrip("/")
-    trials = read_dir(storage.join(root, "trials"))
-    if trials.empty:
+    from dtd_ray.report.protocol import choose_on_val  # protocol reads this module's tables
+
+    raw = read_dir(storage.join(root, "trials"))
+    if raw.empty:
         raise FileNotFoundError(f"{root}/trials holds no trial rows: run `python jobs/sweep.py --output {root}` first")
     fs, path = storage.resolve(root)
     config = storage.read_json(fs, f"{path}/sweep_config.json") or {}
-    analysis = layout.read_table(storage.join(root, "decompose", "analysis"))
+    sel = layout.sweep_selection(config)
+    analysis = layout.of_selection(layout.read_table(storage.join(root, "decompose", "analysis")), sel)
+    chosen, choices = choose_on_val(raw)
+    trials = chosen[chosen["strategy"] != selection.FULL].reset_index(drop=True)
     maps_files = {m: f for m in sorted(set(trials["model"]))
                   if (f := layout.sweep_maps_file(root, model=str(m), sweep_config=config)) is not None}
-    return SweepOutput(root=root, config=config, trials=trials, analysis=analysis, maps_files=maps_files)
+    ev = layout.of_selection(layout.read_table(storage.join(root, "decompose", "eval")), sel)
+    eval_split = (config.get("config") or {}).get("eval_split", "test")
+    val_split = next((v for v in raw.get("val_split", pd.Series(dtype=str)).dropna().unique()), None)
+    split = ev["split"] if "split" in ev else pd.Series("", index=ev.index)
+    return SweepOutput(root=root, config=config, trials=trials, analysis=analysis, maps_files=maps_files,
+                       with_controls=chosen.reset_index(drop=True), choices=choices,
+                       eval_test=ev[split == eval_split].reset_index(drop=True) if len(ev) else ev,
+                       eval_val=ev[split == val_split].reset_index(drop=True) if (len(ev) and val_split) else None)
+
 
 
 def copy_tables(src: str, dst: str) -> None:
@@ -213,8 +230,8 @@ def headline_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int) -> pd.
             row["gap (frequency)"] = mr["acc_full"] - float(none["frequency"])
         for mode in ("head", "finetune"):
             r = d[(d["retrain_mode"] == mode) & (d["strategy"] == "frequency")]["acc_retrained"]
-            if len(r):
-                row[f"{MODE_LABELS[mode]} (frequency)"] = float(r.iloc[0])
+            if len(r):  # several training seeds: their mean
+                row[f"{MODE_LABELS[mode]} (frequency)"] = float(r.mean())
         row["Ψ"] = mr["psi_mean"]
         if len(d):
             row["head MACs"] = f"{int(d['head_macs_decomposed'].iloc[0])} / {int(d['head_macs_full'].iloc[0])}"

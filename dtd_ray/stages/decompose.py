@@ -28,6 +28,7 @@ from dtd_ray.core import analysis, counting, heads, holdout, selection
 from dtd_ray.core.kgrid import parse_k_grid
 from dtd_ray.io import layout, maptables, records, schema, storage
 from dtd_ray.models.linear_head import load_head
+from dtd_ray.stages import decompose_analysis
 from dtd_ray.stages import reduce as stage_reduce
 from dtd_ray.stages.decompose_summary import print_report
 
@@ -208,52 +209,6 @@ def eval_table(rows: list[dict[str, Any]], cfg: DecomposeConfig, maps: list[sele
     df.insert(2, "select_split", cfg.select_key)
     df.insert(3, "correct_only", cfg.correct_only)
     return df.reset_index(drop=True)
-
-
-def analysis_stage(
-    cfg: DecomposeConfig,
-    *,
-    maps: list[selection.ClassMap],
-    f: np.ndarray,
-    y: np.ndarray,
-    w: np.ndarray,
-    b: np.ndarray,
-    sample_id: np.ndarray,
-) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
-    """Per strategy at k1 = k2 = analysis_k: essentiality per class (mean over ``noise_seeds``
-    draws), channel use; Ψ of the features. The third value also carries the per-instance
-    essentiality (``"essentiality"``, :data:`schema.ESSENTIALITY_SCHEMA` columns) and Ψ (``"psi"``)."""
-    C, m = w.shape
-    k = cfg.analysis_k
-    ps = analysis.psi_by_class(values=f, labels=y, num_classes=C, q=cfg.psi_q)
-    noise_seeds = [cfg.seed + i for i in range(cfg.noise_seeds)]
-    frames, summary, per_instance = [], [], []
-    for cm in maps:
-        if cm.nested:
-            if (cm.k1 != selection.K1_NOT_APPLICABLE and cm.k1 != k) or cm.k2 < k:
-                continue
-            cm = cm.top(k)
-        ess = analysis.essentiality_test(features=f, labels=y, weight=w, bias=b, idx=cm.idx, seeds=noise_seeds)
-        pr = analysis.pruning_summary(idx=cm.idx, feature_dim=m)
-        per_instance.append(pd.DataFrame({
-            "model": cfg.model, "strategy": cm.strategy, "map_seed": np.int32(cm.seed), "k2": np.int32(cm.k2),
-            schema.SAMPLE_ID: sample_id, schema.LABEL: y.astype(np.int32), "clean": ess["outcome_clean"],
-            "selected_noise": ess["outcome_selected_noise"], "others_noise": ess["outcome_others_noise"]}))
-        frames.append(pd.DataFrame({
-            "model": cfg.model, "split": cfg.split, "select_split": cfg.select_key, "correct_only": cfg.correct_only,
-            "strategy": cm.strategy, "k1": cm.k1, "map_seed": cm.seed, "k2": cm.k2, "class": np.arange(C),
-            "n": ess["n"], "noise_seeds": len(noise_seeds),
-            **{c: ess[c] for c in ("acc_clean", "acc_selected_noise", "acc_others_noise", "acc_selected_noise_sd",
-                                   "acc_others_noise_sd")},
-            "psi_median": ps["psi_median"]}))
-        summary.append({
-            "strategy": cm.strategy, "k1": cm.k1, "map_seed": cm.seed, "k2": cm.k2,
-            "channels_used": pr["channels_used"], "channels_unused": pr["channels_unused"],
-            **{f"mean_{c}": float(np.nanmean(ess[c])) for c in ("acc_clean", "acc_selected_noise", "acc_others_noise")}})
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    ps["essentiality"] = pd.concat(per_instance, ignore_index=True) if per_instance else pd.DataFrame()
-    ps["psi"] = analysis.psi(values=f, q=cfg.psi_q)
-    return df, summary, ps
 
 
 @dataclass(frozen=True)
@@ -462,12 +417,15 @@ def _run_steps(cfg: DecomposeConfig, *, hooks: RayHooks | None, lap: Any, timing
     df_val = val_eval_stage(cfg, maps=maps, w=w, b=b)
     adf, asummary, psi_info = pd.DataFrame(), [], None
     if cfg.analysis_k is not None:
-        adf, asummary, psi_info = analysis_stage(cfg, maps=maps, f=f, y=y, w=w, b=b, sample_id=ev[schema.SAMPLE_ID])
+        adf, asummary, psi_info = decompose_analysis.analysis_stage(
+            cfg, maps=maps, f=f, y=y, w=w, b=b, sample_id=ev[schema.SAMPLE_ID], means=decompose_analysis.select_means(cfg))
         warnings += psi_info["warnings"]
         lap("analysis")
     instances = pd.DataFrame({"model": cfg.model, "split": cfg.split, schema.SAMPLE_ID: ev[schema.SAMPLE_ID],
                               schema.LABEL: y.astype(np.int32), "correct_full": pred == y,
-                              "psi": analysis.psi(values=f, q=cfg.psi_q) if psi_info is None else psi_info["psi"]})
+                              "psi": analysis.psi(values=f, q=cfg.psi_q) if psi_info is None else psi_info["psi"],
+                              "psi_q80": analysis.psi(values=f, q=0.8), "psi_q95": analysis.psi(values=f, q=0.95),
+                              "psi_weighted": analysis.weighted_psi(features=f, labels=y, weight=w, q=cfg.psi_q)})
     written: dict[str, Any] = write_tables(cfg, freq=freq, maps=maps, df=df, instances=instances, adf=adf,
                                            essentiality=None if psi_info is None else psi_info["essentiality"])
     if df_val is not None:

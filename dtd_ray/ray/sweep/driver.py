@@ -85,16 +85,23 @@ def _records_hashes(plan: SweepPlan, unit: Unit) -> dict[str, Any]:
     return out
 
 
+DECOMPOSE_SCHEMAS = {"eval": schema.EVAL_SCHEMA, "instances": schema.INSTANCES_SCHEMA,
+                     "essentiality": schema.ESSENTIALITY_SCHEMA}
+
+
 def run_decomposition(plan: SweepPlan, unit: Unit) -> Decomposed:
     """Decompose one unit for the whole grid, or load the result of an identical earlier run."""
     dcfg = decompose_config(plan, unit)
     fs, root = storage.resolve(dcfg.output)
     marker_path = f"{root}/_sweep/{unit.key}.json"
-    want = {"decompose_config": config_lib.to_dict(dcfg), "records": _records_hashes(plan, unit)}
+    # the tables' columns too: a decomposition written before a column was added is computed again
+    want = {"decompose_config": config_lib.to_dict(dcfg), "records": _records_hashes(plan, unit),
+            "columns": {name: list(sch.names) for name, sch in DECOMPOSE_SCHEMAS.items()}}
     old = storage.read_json(fs, marker_path)
     eval_path, maps_path = f"{root}/{dcfg.path_of('eval')}", f"{root}/{dcfg.path_of('maps')}"
     if (old is not None and not plan.cfg.overwrite and old.get("decompose_config") == want["decompose_config"]
-            and old.get("records") == want["records"] and storage.exists(fs, eval_path)
+            and old.get("records") == want["records"] and old.get("columns") == want["columns"]
+            and storage.exists(fs, eval_path)
             and storage.exists(fs, maps_path)):
         print(f"[sweep] decompose {unit.key}: finished earlier with the same config and records, skipped", flush=True)
         ev = layout.read_table(storage.join(dcfg.output, dcfg.path_of("eval")))
