@@ -312,7 +312,8 @@ def test_findings_are_paired_and_give_the_verdicts():
     assert d.loc[("random", "pointing game"), "verdict"] == "supported"  # 90 % against 60 %
     assert d.loc[("uniform", "energy-in-box"), "verdict"] == "supported"
     lines = localisation_findings(df)
-    assert len(lines) == 3 and lines[0].startswith("m: selected localises better than random channels")
+    assert len(lines) == 3
+    assert lines[0].startswith("m, blur background: selected (frequency map) localises better than random channels")
     assert "energy-in-box +0.100 [+0.100, +0.100]: supported" in lines[0]
     worse = localisation_differences(_scores(shift=-0.1)).set_index(["method", "score"])
     assert worse.loc[("random", "energy-in-box"), "verdict"] == "contradicted"
@@ -333,8 +334,32 @@ def test_section_is_empty_without_a_localisation_folder(tmp_path):
     lines = localisation_section(str(tmp_path))
     assert lines[0] == "## Localisation"
     text = "\n".join(lines)
-    assert "| m | selected (frequency map) |" in text and "(25.0 %)" in text
-    assert "- m: selected localises better than random channels" in text
+    assert "| m | blur | selected (frequency map) |" in text and "(25.0 %)" in text
+    assert "- m, blur background: selected (frequency map) localises better than random channels" in text
+    assert "What this can show and what it cannot" in text
+
+
+def test_energy_split_by_outcome_and_a_second_background():
+    from dtd_ray.report.localisation_summary import energy_by_outcome, localisation_differences
+
+    df = _scores(shift=0.1)
+    wrong = df["image"] % 4 == 0
+    df.loc[wrong, "pred"] = (df.loc[wrong, "label"] + 1) % 3
+    df.loc[wrong & (df.method == "selected"), "energy_in_box"] -= 0.2  # lower on the canvases it gets wrong
+    by = energy_by_outcome(df).set_index("method")
+    sel = by.loc["selected (frequency map)"]
+    d = df[df.method == "selected"]
+    ok = d["pred"] == d["label"]
+    assert sel["correct"] == pytest.approx(d[ok].energy_in_box.mean()) and sel["images wrong"] == int((~ok).sum())
+    assert sel["correct − wrong [95 % CI]"].startswith(f"{d[ok].energy_in_box.mean() - d[~ok].energy_in_box.mean():.3f} [")
+    # two backgrounds of one model: each paired within itself
+    both = pd.concat([df, df.assign(background="noise", energy_in_box=df.energy_in_box * 0.5)], ignore_index=True)
+    diffs = localisation_differences(both)
+    assert set(diffs["background"]) == {"blur", "noise"}
+    r = diffs[(diffs.background == "noise") & (diffs.method == "random") & (diffs.score == "energy-in-box")].iloc[0]
+    nz = both[both.background == "noise"]
+    want = nz[nz.method == "selected"].energy_in_box.mean() - nz[nz.method == "random"].energy_in_box.mean()
+    assert r["diff"] == pytest.approx(want)
 
 
 # ----------------------------------------------------------------------------- the job, end to end
@@ -381,22 +406,25 @@ def test_localise_job_end_to_end(tmp_path):
     cfg = LocaliseConfig(sweep=str(sweep), k=2, canvas=48, background="scramble", random_seeds=3, batch_size=4,
                          output=str(out))
     res = run_localise(cfg)
-    f = out / "localisation" / "tiny.parquet"
+    f = out / "localisation" / "tiny__scramble.parquet"
     assert res["files"] == [str(f)]
     df = pd.read_parquet(f)
     import pyarrow.parquet as pq
 
     assert pq.read_schema(f).equals(LOCALISATION_SCHEMA, check_metadata=False)
     n = 15
-    # no contribution map in this sweep: five methods
-    assert len(df) == n * 5 and df.groupby("method").size().to_dict() == {
-        m: n for m in ("selected", "random", "weight_l1", "cam", "uniform")}
+    # no contribution map in this sweep: eight methods
+    methods = ("selected", "other_class", "background_class", "random", "weight_l1", "cam_selected", "cam", "uniform")
+    assert len(df) == n * 8 and df.groupby("method").size().to_dict() == {m: n for m in methods}
+    # the controls: another class's selected channels, neither the label nor the background's class
+    assert (df.other_label != df.label).all() and (df.other_label != df.donor_label).all()
+    assert (df.donor_label != df.label).all()
     assert df["energy_in_box"].between(0, 1).all() and df["pointing"].between(0, 1).all()
     np.testing.assert_allclose(df[df.method == "uniform"]["energy_in_box"], 32 * 32 / 48**2)
     assert (df[df.method == "random"]["n_maps"] == 3).all()
     assert ((df.x1 - df.x0) == 32).all() and (df.canvas == 48).all() and (df.background == "scramble").all()
     conf = json.loads((out / "localisation" / "localise_config.json").read_text())
-    assert conf["config"]["canvas"] == 48 and conf["models"]["tiny"]["images"] == n
+    assert conf["config"]["canvas"] == 48 and conf["models"]["tiny__scramble"]["images"] == n
     assert "shuffled patches" in conf["background"]
 
     # One image recomputed independently: the canvas, the forward pass and the selected map's scores.
@@ -421,13 +449,24 @@ def test_localise_job_end_to_end(tmp_path):
                       align_corners=False)[0, 0].numpy()
     re, _ = ref_energy(m, boxes[i])
     assert row.energy_in_box == pytest.approx(re, rel=1e-4) and row.pointing == float(ref_pointing(m, boxes[i]))
+    # the other class's selected channels on the same canvas, and the CAM over the selected channels
+    other = df[(df.method == "other_class") & (df.image == i)].iloc[0]
+    mo = F.interpolate(torch.from_numpy(a[:, [[0, 1], [2, 3], [4, 5]][int(other.other_label)]].sum(1, keepdims=True)),
+                       size=(48, 48), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert other.energy_in_box == pytest.approx(ref_energy(mo, boxes[i])[0], rel=1e-4)
+    W = bb.head.weight.detach().numpy()
+    mc = F.interpolate(torch.from_numpy((a[:, sel] * W[y, sel][None, :, None, None]).sum(1, keepdims=True)),
+                       size=(48, 48), mode="bilinear", align_corners=False)[0, 0].numpy()
+    cs = df[(df.method == "cam_selected") & (df.image == i)].iloc[0]
+    assert cs.energy_in_box == pytest.approx(ref_energy(mc, boxes[i])[0], rel=1e-4, abs=1e-6)
     assert row.pred == int(bb.head(torch.from_numpy(a.mean((2, 3)))).argmax(1)[0])
 
     # A rerun gives the same rows; the section renders them.
     run_localise(cfg)
     pd.testing.assert_frame_equal(pd.read_parquet(f), df)
     text = "\n".join(localisation_section(str(out)))
-    assert "## Localisation" in text and "| tiny | selected (frequency map) |" in text and "shuffled patches" in text
+    assert "## Localisation" in text and "| tiny | scramble | selected (frequency map) |" in text
+    assert "shuffled patches" in text
 
 
 def test_localise_command_line_refuses_bad_input(tmp_path):
@@ -452,14 +491,15 @@ def test_localise_real_resnet20(tmp_path):
     assert CIFAR10_DIR.is_dir()
     res = run_localise(LocaliseConfig(sweep=str(ROOT / "results" / "cifar10_resnets"), models=("cifar_resnet20",),
                                       n_images=200, output=str(tmp_path)))
-    df = pd.read_parquet(tmp_path / "localisation" / "cifar_resnet20.parquet")
-    assert len(df) == 200 * 6 and df["image"].nunique() == 200
+    df = pd.read_parquet(tmp_path / "localisation" / "cifar_resnet20__blur.parquet")
+    assert len(df) == 200 * 9 and df["image"].nunique() == 200
     assert df["label"].nunique() == 10  # a seeded random subset, not the first class's folder
     np.testing.assert_allclose(df[df.method == "uniform"]["energy_in_box"], 0.25)
     # The network still recognises pasted images far above chance (10 %): the canvases are normalised right.
-    assert res["models"]["cifar_resnet20"]["canvas_accuracy_pct"] > 30
+    assert res["models"]["cifar_resnet20__blur"]["canvas_accuracy_pct"] > 30
     t = localisation_table(df)
-    assert set(t["method"]) == {"selected", "random", "weight_l1", "contribution", "cam", "uniform"}
+    assert set(t["method"]) == {"selected", "other_class", "background_class", "random", "weight_l1", "contribution",
+                                "cam_selected", "cam", "uniform"}
     assert "## Localisation" in "\n".join(localisation_section(str(tmp_path)))
 
 

@@ -105,3 +105,37 @@ def test_slope_is_least_squares_and_its_interval_is_paired():
     assert est.value == pytest.approx(want) and est.lo <= est.value <= est.hi
     flat = protocol.slope_estimate(list(x), [base] * 4, counts)
     assert (flat.value, flat.lo, flat.hi) == pytest.approx((0.0, 0.0, 0.0), abs=1e-9)
+
+
+def test_augmented_maps_against_the_sweeps_own(tmp_path):
+    import json
+
+    from dtd_ray.core import selection
+    from dtd_ray.io import maptables, storage
+    from dtd_ray.report.augmented import augmented_table, overlap, parse_published
+    from dtd_ray.report.tables import SweepOutput
+
+    assert overlap(np.array([[0, 1], [2, 3]]), np.array([[1, 5], [3, 2]])) == 3
+    assert parse_published("a=x.json, b=y.json") == {"a": "x.json", "b": "y.json"}
+    with pytest.raises(ValueError, match="model=path.json"):
+        parse_published("a.json")
+    rng = np.random.default_rng(3)
+    plain, aug = rng.random(N) < 0.88, rng.random(N) < 0.89
+    folders = {}
+    for name, o, idx in (("plain", plain, [[0, 1], [2, 3]]), ("aug", aug, [[0, 4], [2, 3]])):
+        t = pd.DataFrame([{**_row("m", "frequency", 2, "none", outcomes=o), "head_macs_full": 16,
+                           "head_macs_decomposed": 4}])
+        cm = selection.ClassMap(strategy="frequency", k1=2, idx=np.array(idx), score=np.ones((2, 2)),
+                                count=np.ones((2, 2), dtype=np.int64))
+        fs, path = storage.resolve(str(tmp_path / name))
+        storage.write_parquet(fs, f"{path}/maps.parquet", maptables.maps_to_table([cm], model="m"))
+        folders[name] = SweepOutput(root=str(tmp_path / name), config={"config": {"select_augment": "cifar"}
+                                                                       if name == "aug" else {}},
+                                    trials=t, analysis=pd.DataFrame(), maps_files={"m": f"{path}/maps.parquet"})
+    pub = tmp_path / "pub.json"
+    pub.write_text(json.dumps({"0": [0, 4], "1": [3, 7]}))
+    ev = _evidence(folders["plain"].trials, plain)
+    t = augmented_table(folders["plain"], folders["aug"], ev, k=2, published={"m": str(pub)}).iloc[0]
+    assert t["decomposed: difference [95 % CI]"].startswith(f"{100 * (aug.mean() - plain.mean()):.2f} [")
+    assert t["shared features"] == "3 / 4" and t["published: augmented / this sweep"] == "3 / 2 of 4"
+    assert t["maps"] == "`train_aug0` against `train`"

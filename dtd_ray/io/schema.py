@@ -175,6 +175,8 @@ LOCALISATION_SCHEMA = pa.schema([
     ("seed", pa.int32()),  # canvas seed (positions, donors, backgrounds)
     ("x0", pa.int16()), ("y0", pa.int16()), ("x1", pa.int16()), ("y1", pa.int16()),  # the box, half-open
     ("donor_sample_id", pa.int64()),  # sample_id of the image whose background was used
+    ("donor_label", pa.int16()),  # its class (the background's class; never the label)
+    ("other_label", pa.int16()),  # the class whose map method other_class scores: seeded, neither of the two
 ])
 
 

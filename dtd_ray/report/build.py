@@ -22,6 +22,7 @@ from dtd_ray.config import config_class
 from dtd_ray.core import selection, stats
 from dtd_ray.io import layout, storage
 from dtd_ray.report import protocol
+from dtd_ray.report.augmented import augmented_section, augmented_table, parse_published
 from dtd_ray.report.cam import cam_figure
 from dtd_ray.report.claims import Claim, claims_frame, claims_table, findings
 from dtd_ray.report.evidence import Evidence, evidence_or_none
@@ -43,6 +44,9 @@ class ReportConfig:
     cam_strategy: Annotated[str, Field(description="the strategy whose selected channels the activation maps show")] = "frequency"
     cam_classes: Annotated[int, Field(description="at most this many classes (rows) per activation-map figure")] = 10
     cam_correct_only: Annotated[bool, Field(description="show only test images the model classifies correctly")] = True
+    augmented: Annotated[str | None, Field(description="another sweep folder of the same models whose maps come from an augmented pass (select_augment): compared with this sweep's at k")] = None
+    published: Annotated[str | None, Field(description="model=path.json[,…]: a published map at k1 = k2 = k to count the overlap of both sweeps' maps with (may use ${data_root})")] = None
+    data_root: Annotated[str, Field(description="replaces ${data_root} in published")] = "../shared/data"
 
     def __post_init__(self) -> None:
         if self.cam_images < 0 or self.cam_classes < 1 or self.k < 1:
@@ -165,6 +169,11 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     extraction = extraction_table(sw.root)
     with open(os.path.join(work, EXTRACTION_FILE), "w") as f:
         json.dump({"rows": extraction.to_dict(orient="records")}, f, indent=2)
+    aug_md: list[str] = []
+    if cfg.augmented:
+        published = parse_published((cfg.published or "").replace("${data_root}", cfg.data_root.rstrip("/")))
+        table = augmented_table(sw, read_sweep(cfg.augmented), ev, k=cfg.k, published=published)
+        aug_md = augmented_section(table, k=cfg.k, aug_root=cfg.augmented, render=markdown_table)
     md = render_markdown(cfg, sw=sw, models=models, head=head, facts=facts, plots=plots, cams=cams,
                          extraction=extraction,
                          claims=claims_frame(claims),
@@ -172,7 +181,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                          families=rt.families.markdown(markdown_table),
                          protocol_md=protocol.sections(c1=rt.c1, kgrid=rt.kgrid, choices=rt.choices,
                                                        val_split=_val_split(trials), n_val=_n_val(sw),
-                                                       table=markdown_table))
+                                                       table=markdown_table) + aug_md)
     path = os.path.join(work, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write(md)

@@ -44,10 +44,17 @@ from dtd_ray.io.maptables import map_from_table
 from dtd_ray.models.runtime import Runtime, resolve_device
 from dtd_ray.stages.units import last_block_maps, load_unit_backbone, unit_source
 
-# The maps scored per image, for the image's true class y (k channels each where a set is chosen).
-METHODS = ("selected", "random", "weight_l1", "contribution", "cam", "uniform")
+# The maps scored per image, for the image's true class y (k channels each where a set is chosen), and
+# the class-specific controls: another class's selected channels on the same canvas.
+METHODS = ("selected", "other_class", "background_class", "random", "weight_l1", "contribution", "cam_selected",
+           "cam", "uniform")
 METHOD_DOC = {
     "selected": "Σ_{c ∈ I_y} A_c, I_y the frequency map at k1 = k2 = k (the paper's selection)",
+    "other_class": "Σ_{c ∈ I_y'} A_c: the selected channels of a class y' that is neither y nor the background's, "
+                   "drawn per image by default_rng([seed, sample_id, 3]) (the class-specific control)",
+    "background_class": "Σ_{c ∈ I_b} A_c: the selected channels of the background donor's class b (a class-specific "
+                        "map that should sit off the box)",
+    "cam_selected": "Σ_{c ∈ I_y} W[y, c] A_c: the CAM restricted to the selected channels, weighted like the CAM",
     "random": "Σ_{c ∈ R_y} A_c, R_y = default_rng([s, y]).choice(m, k, replace=False); each seed s = 0..random_seeds−1 "
               "scored on its own, the scores then averaged per image",
     "weight_l1": "Σ_{c ∈ T_y} A_c, T_y the k channels with the largest |W[y, c]| (the weight_l1 map)",
@@ -125,18 +132,35 @@ def localisation_set(*, unit: dict[str, Any], preprocessing: Any, split: str, n_
                                              seed=seed, ids=sample_id)
     _, donors = canvas_lib.canvas_layout(labels=label, image_size=images.shape[1:3], canvas=canvas, seed=seed,
                                          ids=sample_id)
+    donor_label = label[donors]
+    num_classes = len(src.classes)
+    other = np.array([other_class(int(y), int(b), num_classes=num_classes, seed=seed, sample_id=int(i))
+                      for y, b, i in zip(label, donor_label, sample_id)], dtype=np.int64)
     print(f"[localise] {len(sample_id)} {split} images pasted on {canvas}x{canvas} canvases ({background}) in "
           f"{time.perf_counter() - t0:.1f} s" + (f"; {skipped} undecodable, skipped" if skipped else ""), flush=True)
     return {"sample_id": sample_id, "label": label, "canvas": canv, "box": boxes,
-            "donor_sample_id": sample_id[donors], "skipped": np.int64(skipped)}
+            "donor_sample_id": sample_id[donors], "donor_label": donor_label, "other_label": other,
+            "skipped": np.int64(skipped)}
+
+
+def other_class(label: int, donor_label: int, *, num_classes: int, seed: int, sample_id: int) -> int:
+    """The control class of one canvas: uniform among the classes that are neither ``label`` nor the
+    background's (``default_rng([seed, sample_id, 3])``); the background's class where no third exists."""
+    pool = [c for c in range(num_classes) if c not in (label, donor_label)]
+    if not pool:
+        return donor_label
+    return int(pool[np.random.default_rng([int(seed), int(sample_id), 3]).integers(len(pool))])
 
 
 def score_batch(*, feature_maps: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, size: int,
-                sets: dict[str, np.ndarray], random_sets: list[np.ndarray], weight: np.ndarray) -> dict[str, dict]:
+                sets: dict[str, np.ndarray], random_sets: list[np.ndarray], weight: np.ndarray,
+                controls: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Per method, ``{energy, pointing, empty, n_maps}`` (arrays over the batch) of the true class's maps.
 
     ``sets``: method → (C, k) channel sets; ``random_sets``: one (C, k) per seed (their scores
-    are averaged per image); ``weight``: the head's W (C, m) for the CAM."""
+    are averaged per image); ``weight``: the head's W (C, m) for the CAM (and, with
+    ``sets["selected"]``, the CAM restricted to the selected channels); ``controls``: method →
+    the class (B,) whose selected channels are scored instead of the true class's."""
     a = feature_maps.float().cpu()
     out: dict[str, dict] = {}
 
@@ -148,6 +172,16 @@ def score_batch(*, feature_maps: torch.Tensor, labels: np.ndarray, boxes: np.nda
     for name, idx in sets.items():
         e, p, empty = score(loc.channel_sum(feature_maps=a, channels=idx[labels]))
         out[name] = {"energy": e, "pointing": p, "empty": empty.astype(np.int64), "n_maps": 1}
+    if "selected" in sets:
+        sel = sets["selected"]
+        for name, cls in (controls or {}).items():
+            e, p, empty = score(loc.channel_sum(feature_maps=a, channels=sel[np.asarray(cls, dtype=np.int64)]))
+            out[name] = {"energy": e, "pointing": p, "empty": empty.astype(np.int64), "n_maps": 1}
+        masked = np.zeros_like(weight)
+        rows = np.arange(weight.shape[0])[:, None]
+        masked[rows, sel] = weight[rows, sel]
+        e, p, empty = score(loc.weighted_sum(feature_maps=a, weights=masked[labels]))
+        out["cam_selected"] = {"energy": e, "pointing": p, "empty": empty.astype(np.int64), "n_maps": 1}
     acc = [score(loc.channel_sum(feature_maps=a, channels=r[labels])) for r in random_sets]
     out["random"] = {"energy": np.mean([x[0] for x in acc], 0), "pointing": np.mean([x[1] for x in acc], 0),
                      "empty": np.sum([x[2] for x in acc], 0).astype(np.int64), "n_maps": len(acc)}
@@ -188,7 +222,7 @@ def localise_model(cfg: LocaliseConfig, *, model: str, unit: dict[str, Any], map
     parts: dict[str, dict[str, list]] = {}
     preds: list[np.ndarray] = []
     every = max(1, (n // cfg.batch_size) // 10)
-    print(f"[localise] {model}: {n} canvases, {len(sets) + 3} methods, "
+    print(f"[localise] {model}: {n} canvases, {len(sets) + 6} methods, "
           f"{cfg.random_seeds} random seeds, on {rt.device}", flush=True)
     t1 = time.perf_counter()
     for b, s in enumerate(range(0, n, cfg.batch_size)):
@@ -199,7 +233,9 @@ def localise_model(cfg: LocaliseConfig, *, model: str, unit: dict[str, Any], map
         with torch.inference_mode():
             preds.append(backbone.head(a.mean((2, 3))).argmax(1).cpu().numpy())
         res = score_batch(feature_maps=a, labels=data["label"][s:e].astype(np.int64), boxes=data["box"][s:e],
-                          size=cfg.canvas, sets=sets, random_sets=random_sets, weight=weight)
+                          size=cfg.canvas, sets=sets, random_sets=random_sets, weight=weight,
+                          controls={"other_class": data["other_label"][s:e],
+                                    "background_class": data["donor_label"][s:e]})
         for name, r in res.items():
             d = parts.setdefault(name, {"energy": [], "pointing": [], "empty": [], "n_maps": r["n_maps"]})
             for f in ("energy", "pointing", "empty"):
@@ -227,7 +263,8 @@ def localise_model(cfg: LocaliseConfig, *, model: str, unit: dict[str, Any], map
         "k": np.full(n * nm, cfg.k), "canvas": np.full(n * nm, cfg.canvas),
         "background": np.full(n * nm, cfg.background, dtype=object), "seed": np.full(n * nm, cfg.seed),
         "x0": rep(box[:, 0]), "y0": rep(box[:, 1]), "x1": rep(box[:, 2]), "y1": rep(box[:, 3]),
-        "donor_sample_id": rep(data["donor_sample_id"]),
+        "donor_sample_id": rep(data["donor_sample_id"]), "donor_label": rep(data["donor_label"]),
+        "other_label": rep(data["other_label"]),
     }
     table = pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in LOCALISATION_SCHEMA],
                                  schema=LOCALISATION_SCHEMA)
@@ -237,6 +274,11 @@ def localise_model(cfg: LocaliseConfig, *, model: str, unit: dict[str, Any], map
             "seconds": round(time.perf_counter() - t0, 1), "rows": table.num_rows,
             "settings": cfg.settings(), "settings_hash": config_lib.config_hash(cfg.settings())}
     return table, info
+
+
+def result_name(model: str, background: str) -> str:
+    """The name of one (model, background)'s rows under ``localisation/``: ``<model>__<background>``."""
+    return f"{model}__{background}"
 
 
 def run_localise(cfg: LocaliseConfig) -> dict[str, Any]:
@@ -267,8 +309,9 @@ def run_localise(cfg: LocaliseConfig) -> dict[str, Any]:
     for model in models:
         table, info = localise_model(cfg, model=model, unit=units[model], maps_file=maps_files[model], split=split,
                                      cache=cache)
-        written.append(storage.write_parquet(ofs, f"{opath}/{model}.parquet", table))
-        infos[model] = info
+        # one file per (model, background): the three backgrounds of one model sit side by side
+        written.append(storage.write_parquet(ofs, f"{opath}/{result_name(model, cfg.background)}.parquet", table))
+        infos[result_name(model, cfg.background)] = info
         # Rewritten after every model, so a run stopped midway still describes the files it wrote;
         # models measured by an earlier run keep their entries (each carries its own settings).
         resolved = {
