@@ -31,7 +31,8 @@ from dtd_ray.report.localisation_summary import localisation_differences, locali
 from dtd_ray.report.plots import (plot_accuracy_vs_k, plot_accuracy_vs_share, plot_gap_vs_depth, plot_head_cost,
                                   plot_kgrid, plot_psi_vs_depth, plot_retraining)
 from dtd_ray.report.tables import (EXTRACTION_FILE, MODE_LABELS, SweepOutput, accuracy_by_k, copy_tables,
-                                   extraction_table, headline_table, markdown_table, model_table, read_sweep)
+                                   depth_series, extraction_table, headline_table, markdown_table, model_table,
+                                   read_sweep)
 
 
 @config_class
@@ -47,6 +48,7 @@ class ReportConfig:
     augmented: Annotated[str | None, Field(description="another sweep folder of the same models whose maps come from an augmented pass (select_augment): compared with this sweep's at k")] = None
     published: Annotated[str | None, Field(description="model=path.json[,…]: a published map at k1 = k2 = k to count the overlap of both sweeps' maps with (may use ${data_root})")] = None
     data_root: Annotated[str, Field(description="replaces ${data_root} in published")] = "../shared/data"
+    replication: Annotated[str | None, Field(description="another sweep folder on the same test set whose depth series of other checkpoints replicate C3 (e.g. results/cifar10_zoo: the projection-shortcut ResNets)")] = None
 
     def __post_init__(self) -> None:
         if self.cam_images < 0 or self.cam_classes < 1 or self.k < 1:
@@ -93,8 +95,24 @@ def report_tables(sw: SweepOutput, *, k: int) -> ReportTables:
                         localisation=diffs,
                         findings=findings(trials, models, k=k, evidence=ev),
                         families=family_view(trials, models, k=k, evidence=ev),
-                        c1=protocol.c1_table(sw.with_controls if sw.with_controls is not None else trials, ev, k=k),
+                        c1=protocol.c1_table(sw.with_controls if sw.with_controls is not None else trials, ev, k=k,
+                                             models=list(models["model"])),
                         kgrid=grids, choices=sw.choices if sw.choices is not None else pd.DataFrame())
+
+
+def replication_section(root: str, *, k: int, own: set[str]) -> list[str]:
+    """C3's rows of another sweep folder whose depth series holds none of this sweep's models: the same
+    test of depth on independently trained checkpoints."""
+    rt = report_tables(read_sweep(root), k=k)
+    series = [(label, mdf) for label, mdf in depth_series(rt.models) if not set(mdf["model"]) & own]
+    scopes = {s for label, mdf in series for s in (label, f"{label}: depth")}
+    rows = [c for c in rt.claims if c.claim.startswith("C3") and any(c.scope.startswith(s) for s in scopes)]
+    if not rows:
+        return []
+    return ["## C3 on independently trained checkpoints", "",
+            f"The same depth test on the other series of `{root}` (same test images; its own trial rows and "
+            f"intervals): {', '.join(' → '.join(mdf['model']) for _, mdf in series)}.", "",
+            markdown_table(claims_frame(rows))]
 
 
 def _val_split(trials: pd.DataFrame) -> str | None:
@@ -174,6 +192,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
         published = parse_published((cfg.published or "").replace("${data_root}", cfg.data_root.rstrip("/")))
         table = augmented_table(sw, read_sweep(cfg.augmented), ev, k=cfg.k, published=published)
         aug_md = augmented_section(table, k=cfg.k, aug_root=cfg.augmented, render=markdown_table)
+    if cfg.replication:
+        aug_md += replication_section(cfg.replication, k=cfg.k, own=set(models["model"]))
     md = render_markdown(cfg, sw=sw, models=models, head=head, facts=facts, plots=plots, cams=cams,
                          extraction=extraction,
                          claims=claims_frame(claims),

@@ -168,8 +168,8 @@ def claims_table(trials: pd.DataFrame, models: pd.DataFrame, *, k: int, evidence
     M = Measures(trials, models, evidence)
     out: list[Claim] = []
     strategies = set(trials["strategy"])
-    c1 = protocol.c1_table(trials if controls is None else controls, evidence, k=k) if "frequency" in strategies \
-        else pd.DataFrame()
+    c1 = protocol.c1_table(trials if controls is None else controls, evidence, k=k, models=list(models["model"])) \
+        if "frequency" in strategies else pd.DataFrame()
     if not c1.empty:
         out += c1_claims(c1, k=k)
     for _, mr in models.iterrows():

@@ -88,16 +88,17 @@ def _paired(ev: Evidence, model: str, a: dict[int, np.ndarray], b: dict[int, np.
     return stats.two_level_estimate(values=diff, counts=ev.counts(model)).scaled(SCALE), len(seeds)
 
 
-def c1_table(trials: pd.DataFrame, ev: Evidence | None, *, k: int) -> pd.DataFrame:
+def c1_table(trials: pd.DataFrame, ev: Evidence | None, *, k: int, models: list[str] | None = None) -> pd.DataFrame:
     """C1 at ``k`` (frequency map), one line per (model, measure); see the module docstring.
 
     Measures: ``A − B`` where A is the full head and B the decomposed head, trained the same way
     (``head``: retrained alone on cached features, the original filters; ``finetune``: the whole
-    network; the control is strategy ``full``), and against the original full head."""
+    network; the control is strategy ``full``), and against the original full head. ``models``: their
+    order (default: as the rows come)."""
     if ev is None or trials.empty:
         return pd.DataFrame()
     rows = []
-    for model in dict.fromkeys(trials["model"]):
+    for model in (models if models is not None else dict.fromkeys(trials["model"])):
         if not ev.has(model):
             continue
         full0 = ev.full(model)

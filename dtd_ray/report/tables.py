@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dtd_ray.core import selection
@@ -79,10 +80,20 @@ def copy_tables(src: str, dst: str) -> None:
     """Copy the small tables a report is made from (not records) from sweep folder ``src`` to ``dst``
     (either may be a URI)."""
     sfs, spath = storage.resolve(src)
-    for rel in ("trials", "decompose/analysis", "decompose/eval", "decompose/maps", "decompose/instances",
+    for rel in ("decompose/analysis", "decompose/eval", "decompose/maps", "decompose/instances",
                 "decompose/essentiality", "localisation"):
         if sfs.get_file_info(f"{spath}/{rel}").type == pafs.FileType.Directory:
             storage.copy_tree(storage.join(src, rel), storage.join(dst, rel))
+    # The trial rows as one file (a sweep keeps one per trial, so that a rerun can tell which finished;
+    # a report's folder needs none of that, and a thousand small files cost more than their rows).
+    rows = read_dir(storage.join(src, "trials"))
+    if len(rows):
+        dfs, dpath = storage.resolve(storage.join(dst, "trials"))
+        if storage.exists(dfs, dpath):
+            storage.remove_tree(dfs, dpath)  # rows of an earlier report would stay beside the new ones
+        storage.write_parquet(dfs, f"{dpath}/trials.parquet",
+                              pa.Table.from_pandas(rows.reindex(columns=schema.TRIALS_SCHEMA.names),
+                                                  schema=schema.TRIALS_SCHEMA, preserve_index=False))
     if storage.exists(sfs, f"{spath}/sweep_config.json"):
         storage.copy_file(storage.join(src, "sweep_config.json"), storage.join(dst, "sweep_config.json"))
 
