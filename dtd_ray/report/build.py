@@ -120,6 +120,15 @@ def _val_split(trials: pd.DataFrame) -> str | None:
     return str(v[0]) if len(v) else None
 
 
+def _full_acc(sw: SweepOutput) -> dict[str, tuple[float, float]]:
+    """model -> the original head's (validation, test) accuracy (%), from decompose's eval tables."""
+    if sw.eval_val is None or sw.eval_test is None or sw.eval_val.empty:
+        return {}
+    v = sw.eval_val.groupby("model", sort=False)["acc_full"].first() * 100
+    t = sw.eval_test.groupby("model")["acc_full"].first() * 100
+    return {m: (float(v[m]), float(t[m])) for m in v.index if m in t.index}
+
+
 def _n_val(sw: SweepOutput) -> int | None:
     ev = sw.eval_val
     return int(ev["n_instances"].iloc[0]) if ev is not None and len(ev) else None
@@ -201,7 +210,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                          families=rt.families.markdown(markdown_table),
                          protocol_md=protocol.sections(c1=rt.c1, kgrid=rt.kgrid, choices=rt.choices,
                                                        val_split=_val_split(trials), n_val=_n_val(sw),
-                                                       table=markdown_table) + aug_md)
+                                                       table=markdown_table, full_acc=_full_acc(sw)) + aug_md)
     path = os.path.join(work, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write(md)

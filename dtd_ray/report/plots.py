@@ -299,7 +299,7 @@ def plot_kgrid(grids: dict[str, dict], models: pd.DataFrame, path: str) -> bool:
         if len(ch):
             cols, rows = list(t.columns), list(t.index)
             ax.scatter([cols.index(k2) for k2 in ch["k2"]], [rows.index(k1) for k1 in ch["k1 (val)"]], s=40,
-                       facecolors="none", edgecolors="white", linewidths=1.2, label="k1 chosen on validation")
+                       facecolors="none", edgecolors="red", linewidths=1.2, label="k1 chosen on validation")
         fig.colorbar(im, ax=ax, shrink=0.8, label="test accuracy (%)")
     figure_legend(fig, [ax for ax, _ in pairs])
     fig.savefig(path)

@@ -258,8 +258,10 @@ PAPER_CELLS = {("cifar_resnet20", 3): 84.16}
 
 
 def sections(*, c1: pd.DataFrame, kgrid: dict[str, dict[str, Any]], choices: pd.DataFrame,
-             val_split: str | None, n_val: int | None, table: Any) -> list[str]:
-    """The markdown of the report's protocol sections (``table``: the report's markdown_table)."""
+             val_split: str | None, n_val: int | None, table: Any,
+             full_acc: dict[str, tuple[float, float]] | None = None) -> list[str]:
+    """The markdown of the report's protocol sections (``table``: the report's markdown_table;
+    ``full_acc``: model -> the original head's (validation, test) accuracy, %)."""
     L: list[str] = ["## What the validation split chose", ""]
     if val_split:
         L.append(f"The validation split `{val_split}` ({n_val or '?'} images) is held out of the training split by "
@@ -267,6 +269,14 @@ def sections(*, c1: pd.DataFrame, kgrid: dict[str, dict[str, Any]], choices: pd.
                  "fitted on the rest. It chose each retrained head's epoch (the best validation accuracy, the "
                  "earliest of equals), the head's lr where several were run, and k1 for each k2 in the grid below. "
                  "The test split chose nothing.")
+        if full_acc:
+            L.append("")
+            L.append("The original full head scores " + ", ".join(f"{m} {v:.2f} % (test {t:.2f} %)"
+                                                                 for m, (v, t) in full_acc.items())
+                     + " on it. A backbone trained on the whole training split (as the public checkpoints were) has "
+                     "seen these images: the split is held out of everything this sweep fits, not of the backbone's "
+                     "own training, so it ranks choices by how they fit training images. That is a weaker check "
+                     "than fresh data, but test stays untouched.")
     else:
         L.append("This sweep has no validation split (`val_fraction`): every retrained head is its last epoch, and "
                  "nothing below is chosen.")
