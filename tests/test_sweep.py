@@ -87,11 +87,16 @@ def test_presets_ship_and_resolve():
     assert u.dataset == "imagefolder:../shared/data/cifar10" and u.dataset_short == "cifar10"
     assert u.weights_abs == os.path.abspath("../shared/data/cifar_resnets/resnet20-12fca82f.th")
     counts = {m: len(plan.trials_of(m)) for m in plan.modes}
-    # head at 6 of the 11 k values; 4 strategies + random with 10 map seeds; finetune only frequency at k = 5
-    assert counts == {"none": 4 * 11 * (4 + 10), "head": 4 * 6 * (4 + 10), "finetune": 4}
+    # head at 6 of the 11 k values; 4 strategies + random with 10 map seeds, 4 lrs, and the full-head control
+    # per lr; finetune: frequency at k = 5 and the control, 3 seeds each, ResNet-20 and -56
+    assert counts == {"none": 4 * 11 * (4 + 10), "head": 4 * 4 * (6 * (4 + 10) + 1), "finetune": 2 * 2 * 3}
+    assert cfg.val_fraction == 0.1
+    assert {t.seed for t in plan.trials_of("finetune")} == {0, 1, 2}
+    assert {t.lr for t in plan.trials_of("head")} == {3e-3, 1e-2, 3e-2, 1e-1}
     assert sorted({t.map_seed for t in plan.trials if t.strategy == "random"}) == list(range(10))
     assert {t.map_seed for t in plan.trials if t.strategy != "random"} == {-1}
-    assert {t.k for t in plan.trials_of("finetune")} == {5}
+    assert {t.k for t in plan.trials_of("finetune") if t.strategy != "full"} == {5}
+    assert {t.k for t in plan.trials_of("finetune") if t.strategy == "full"} == {64}  # m: every feature
     assert plan.output == os.path.abspath("runs/cifar10_resnets")
     # frequency has k1 = k, the k1-independent strategies k1 = -1
     assert {(t.strategy, t.k1) for t in plan.trials_of("head") if t.k == 5} == {
@@ -146,7 +151,7 @@ def test_overrides_select_models_k_modes_and_merge_retrain():
     ft = plan.modes["finetune"]
     assert ft.epochs == 2 and ft.lr == 1e-4 and ft.augment == "cifar"  # merged into the preset's options
     assert ft.strategies == ("frequency",)  # the preset fine-tunes the frequency map only
-    assert len(plan.trials) == 2 + 1
+    assert len(plan.trials) == 2 + 2 * 3  # none: 2 strategies; finetune: frequency and its control, 3 seeds
     with pytest.raises(ValueError, match="no such model entry.*cifar_resnet20, cifar_resnet32"):
         sweep.load_config("cifar10_resnets", {"models": "resnet18"})
 
@@ -242,9 +247,19 @@ def test_trial_ids_are_stable_and_ignore_resources():
     lr = sweep.load_config("cifar10_resnets", {"models": "cifar_resnet20", "k": 5,
                                                "retrain": {"finetune": {"lr": 1e-3}}})
     changed = {t.trial_id for t in sweep.plan_sweep(lr, check_inputs=False).trials} - set(ids)
-    assert len(changed) == 1  # exactly the finetune trial (frequency, k = 5)
+    assert len(changed) == 6  # exactly the finetune trials (frequency, k = 5, and the control; 3 seeds each)
     t = sweep.plan_sweep(base, check_inputs=False).trials[0]
     assert t.trial_id == config_hash(t.identity)
+    # another sweep seed draws another validation split and other random maps: no trial id is shared,
+    # the fine-tuning trials of retrain.finetune.seeds included
+    other = {t.trial_id for t in sweep.plan_sweep(sweep.load_config("cifar10_resnets", {
+        "models": "cifar_resnet20", "k": 5, "seed": 1}), check_inputs=False).trials}
+    assert not other & set(ids)
+    ft = [t for t in sweep.plan_sweep(base, check_inputs=False).trials if t.mode == "finetune"]
+    assert {t.identity.get("sweep_seed") for t in ft if t.seed != 0} == {0}
+    assert all("sweep_seed" not in t.identity for t in ft if t.seed == 0)
+    with pytest.raises(ValueError, match="lists a value twice"):
+        sweep.load_config("cifar10_resnets", {"retrain": {"head": {"lr": [1e-2, 1e-2]}}})
 
 
 def test_trial_resources_are_decided_on_the_driver():

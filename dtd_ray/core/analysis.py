@@ -170,7 +170,8 @@ def ablation_outcomes(
 
     With ``S_y`` a set of features of class ``y`` and ``i`` an instance of ``y``:
 
-        mean:     f'_ij = μ_j                 for j ∈ S_y   (μ: ``means``, the training split's means)
+        mean:     f'_ij = μ_j                 for j ∈ S_y   (μ: ``means``, the means of the records the maps
+                                                         were counted from)
         permute:  f'_ij = f_{π(i), j}         for j ∈ S_y   (π: a permutation of all rows, per seed)
 
     other features unchanged; the original head ``W f' + b`` predicts. ``selected`` uses

@@ -58,11 +58,11 @@ def sweep_selection(sweep_config: dict[str, Any]) -> dict[str, Any]:
 def of_selection(df: pd.DataFrame, sel: dict[str, Any] | None) -> pd.DataFrame:
     """The rows of a decompose table (read by :func:`read_table`) of one selection (:func:`sweep_selection`):
     an output may hold several (maps from train and from an augmented pass). ``sel`` None, or a table
-    without the partition columns (or none of its rows of that selection): as it is."""
+    without the partition columns: as it is; no row of that selection: empty (never another selection's)."""
     if sel is None or df.empty or "select_split" not in df:
         return df
     keep = (df["select_split"] == sel["select_split"]) & (df["correct_only"].astype(bool) == sel["correct_only"])
-    return df[keep].reset_index(drop=True) if keep.any() else df
+    return df[keep].reset_index(drop=True)
 
 
 def sweep_maps_file(root: str, *, model: str, sweep_config: dict[str, Any]) -> str | None:

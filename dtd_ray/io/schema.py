@@ -46,7 +46,7 @@ RECORDS_DICTIONARY_COLUMNS = (LABEL, PRED, f"{TOPK_IDX}.list.element")
 def split_key(split: str, *, augment: str | None, seed: int, val_fraction: float | None = None) -> str:
     """The records split of an extraction pass: ``split``, or ``<split>_aug<seed>`` for an augmented pass;
     with a ``val_fraction`` the part left for fitting once the validation split is held out
-    (:mod:`dtd_ray.data.holdout`): ``train_fit90`` for 10 %, ``train_aug0_fit90``."""
+    (:mod:`dtd_ray.core.holdout`): ``train_fit90`` for 10 %, ``train_aug0_fit90``."""
     key = f"{split}_aug{seed}" if augment else split
     if val_fraction is None:
         return key
@@ -221,7 +221,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("outcomes", pa.binary()),
         pa.field("seconds", pa.float64()),  # trial wall time (null for mode none)
         pa.field("use_gpu", pa.bool_()),
-        pa.field("checkpoint", pa.string()),  # the trial's last checkpoint (null for mode none)
+        pa.field("checkpoint", pa.string()),  # the trial's last epoch's checkpoint (acc_retrained is best_epoch's)
         pa.field("config", pa.string()),  # JSON: everything the trial_id hashes, plus the trainable's config
         pa.field("finished_at", pa.string()),  # UTC, ISO 8601
         # the validation split (val_fraction; null without one): held out of the training split, it

@@ -25,7 +25,8 @@ def _outcomes(trials: pd.DataFrame, *, model: str, k: int, mode: str, n: int) ->
     """The frequency row's outcomes at k (mean over training seeds), or None."""
     r = trials[(trials["model"] == model) & (trials["strategy"] == "frequency") & (trials["k2"] == k)
                & (trials["retrain_mode"] == mode)]
-    vals = [stats.unpack_outcomes(bytes(o), n=n).astype(np.float64) for o in r["outcomes"] if o is not None]
+    vals = [stats.unpack_outcomes(bytes(o), n=n).astype(np.float64) for o in r["outcomes"]
+            if isinstance(o, (bytes, bytearray, memoryview)) and len(o) * 8 - n in range(8)]
     return np.mean(vals, axis=0) if vals else None
 
 

@@ -25,7 +25,8 @@ point estimate is given and the verdict is "not resolved".
   k of top-|W| or of contribution; (the paper's noise test is a labelled extra in the
   findings); and on canvases with the object at a known place
   (:mod:`dtd_ray.report.localisation_summary`) the selected channels' map puts more of its mass in
-  the object's box than random channels, the top-|W| channels and the CAM do.
+  the object's box than another class's selected channels (on every background), the background
+  class's, random channels and the CAM do.
 
 (The module is not called ``findings`` so that ``dtd_ray.report.findings`` is
 unambiguously the function.)

@@ -46,6 +46,9 @@ def _methods(df: pd.DataFrame) -> list[str]:
 
 def _wide(d: pd.DataFrame, column: str) -> pd.DataFrame:
     """One model's scores as images × methods (a one-line error where a method misses an image)."""
+    if d.duplicated(["image", "method"]).any():
+        raise ValueError(f"{d['model'].iloc[0]} ({d['background'].iloc[0]}): an (image, method) appears twice: "
+                         "rows of two runs are mixed in localisation/")
     w = d.pivot_table(index="image", columns="method", values=column, aggfunc="first")
     if w.isna().any().any():
         raise ValueError(f"{d['model'].iloc[0]}: {column} is missing for some (image, method): the rows are not paired")
@@ -152,9 +155,13 @@ def read_localisation(root: str) -> tuple[pd.DataFrame, dict[str, Any]]:
     fs, path = storage.resolve(where)
     if not storage.exists(fs, path):
         return pd.DataFrame(), {}
-    files = storage.list_files(where, suffix=".parquet")
-    frames = [pd.read_parquet(storage.resolve(f)[1], filesystem=fs) for f in files
-              if not f.rsplit("/", 1)[-1].startswith("_")]
+    files = [f for f in storage.list_files(where, suffix=".parquet") if not f.rsplit("/", 1)[-1].startswith("_")]
+    # <model>__<background>.parquet; a <model>.parquet of an earlier version is read only where no newer
+    # file of that model exists (its rows would be paired with another run's images)
+    stems = [f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files]
+    newer = {s.split("__", 1)[0] for s in stems if "__" in s}
+    files = [f for f, s in zip(files, stems) if "__" in s or s not in newer]
+    frames = [pd.read_parquet(storage.resolve(f)[1], filesystem=fs) for f in files]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return df, storage.read_json(fs, f"{path}/localise_config.json") or {}
 

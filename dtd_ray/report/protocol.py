@@ -287,10 +287,13 @@ def sections(*, c1: pd.DataFrame, kgrid: dict[str, dict[str, Any]], choices: pd.
         L.append("full − decomposed (frequency map) after retraining, in points, with the 95 % interval. `head "
                  "retrained alone` keeps the original filters (the head is refitted on cached features); `whole "
                  "network fine-tuned` retrains every filter. `full head trained the same way` is the control: the "
-                 "full head (all m features per class) trained with the same recipe, lr, epochs and seeds; "
-                 "`original full head` is the network as published. Where there are several training seeds the "
-                 "interval is a two-level bootstrap (the seeds resampled, then the test images; "
-                 "`dtd_ray.core.stats.two_level_estimate`), so it carries the seed-to-seed variance too. The test "
+                 "full head (all m features per class) trained with the same recipe, epochs and seeds, each arm "
+                 "with the lr its validation accuracy chose (fine-tuning ran one lr); `original full head` is the "
+                 "network as published. Where there are several training seeds the interval is a two-level "
+                 "bootstrap (the seeds resampled, then the test images; `dtd_ray.core.stats.two_level_estimate`), "
+                 "so it carries the seed-to-seed variance too — with three seeds only roughly: their resamples "
+                 "take 10 distinct combinations and understate the seed variance by about a third, so read "
+                 "those intervals as somewhat too narrow. The test "
                  "is non-inferiority: **supported** where the whole interval lies below the margin, "
                  "**contradicted** where it lies wholly above it, else not resolved (its null is the margin, not 0).")
         L += ["", table(c1.drop(columns=["_est"]))]

@@ -91,11 +91,19 @@ def copy_tables(src: str, dst: str) -> None:
         dfs, dpath = storage.resolve(storage.join(dst, "trials"))
         if storage.exists(dfs, dpath):
             storage.remove_tree(dfs, dpath)  # rows of an earlier report would stay beside the new ones
-        storage.write_parquet(dfs, f"{dpath}/trials.parquet",
-                              pa.Table.from_pandas(rows.reindex(columns=schema.TRIALS_SCHEMA.names),
-                                                  schema=schema.TRIALS_SCHEMA, preserve_index=False))
+        storage.write_parquet(dfs, f"{dpath}/trials.parquet", trials_table(rows))
     if storage.exists(sfs, f"{spath}/sweep_config.json"):
         storage.copy_file(storage.join(src, "sweep_config.json"), storage.join(dst, "sweep_config.json"))
+
+
+def trials_table(rows: pd.DataFrame) -> pa.Table:
+    """Trial rows as a table of ``schema.TRIALS_SCHEMA``; columns a row set lacks (a sweep from before
+    they existed) are null."""
+    present = [f for f in schema.TRIALS_SCHEMA if f.name in rows.columns]
+    t = pa.Table.from_pandas(rows[[f.name for f in present]], schema=pa.schema(present), preserve_index=False)
+    cols = [t.column(f.name) if f.name in rows.columns else pa.nulls(len(rows), type=f.type)
+            for f in schema.TRIALS_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=schema.TRIALS_SCHEMA)
 
 
 EXTRACTION_FILE = "extraction.json"  # the extraction table kept beside a report whose folder has no records
@@ -167,7 +175,8 @@ def depth_series(models: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def accuracy_by_k(trials: pd.DataFrame, *, mode: str = "none", value: str = "acc_decomposed") -> pd.DataFrame:
     """Rows (model, strategy, k) of one retrain mode with ``value`` (k1 = k2 = k): the mean over a
-    strategy's map seeds (random: one map per seed; the others have one), and ``<value>_sd`` their sd."""
+    strategy's rows — its map seeds (random: one map per seed) and its training seeds, where a mode ran
+    several — and ``<value>_sd`` their sd; ``seeds`` counts the rows."""
     d = trials[trials["retrain_mode"] == mode]
     g = d.assign(k=d["k2"]).groupby(["model", "strategy", "k"], sort=True)[value]
     out = g.mean().reset_index()

@@ -27,6 +27,7 @@ from dtd_ray.ray.sweep.plan import SweepPlan, TrialSpec, Unit, decompose_config,
 from dtd_ray.ray.sweep.store import finished_trial_ids, read_trials, timestamp, trials_root, write_trial_row
 from dtd_ray.ray.sweep.tune import run_tune
 from dtd_ray.report import ReportConfig, make_report
+from dtd_ray.report.protocol import choose_on_val
 from dtd_ray.report.atlas import AtlasConfig, build_atlas
 
 
@@ -45,7 +46,7 @@ class Decomposed:
     eval: pd.DataFrame  # decompose's eval table (fractions)
     maps: Any  # list[ClassMap] or a maps/ DataFrame
     status: str
-    eval_val: pd.DataFrame | None = None  # the same on the validation split (val_fraction), without outcomes
+    eval_val: pd.DataFrame | None = None  # the same on the validation split (val_fraction)
 
     def class_map(self, strategy: str, k1: int, k: int, map_seed: int = selection.SEED_NOT_APPLICABLE) -> np.ndarray:
         if strategy == selection.FULL:  # the control: every class keeps all m features
@@ -230,9 +231,12 @@ def save_resolved_config(plan: SweepPlan) -> str:
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One line per (model, strategy, k): acc_full, acc_decomposed and acc_retrained per retrain mode (%);
-    the random strategy's lines are means over its map seeds."""
+    the random strategy's lines are means over its map seeds, several training seeds are averaged, of
+    several lrs each cell keeps the one validation chose, and the full-head controls are left out."""
     if df.empty:
         return pd.DataFrame(columns=["model", "strategy", "k", "acc_full", "acc_decomposed"])
+    df, _ = choose_on_val(df)  # several lrs: each cell's best on validation, as the report reads them
+    df = df[df["strategy"] != selection.FULL]  # the controls are the report's (C1), not a strategy
     d = df.assign(k=df["k2"])
     keys = ["model", "strategy", "k"]
     one = d.drop_duplicates(keys + ["map_seed"]) if "map_seed" in d else d.drop_duplicates(keys)

@@ -149,6 +149,10 @@ def trial_identity(cfg: SweepConfig, unit: Unit, mode: str, spec: RetrainSpec, s
     }
     if cfg.val_fraction is not None:  # set only: the ids of sweeps without a validation split stay
         ident["val_fraction"] = float(cfg.val_fraction)
+    if ident["seed"] != int(cfg.seed):
+        # a training seed of retrain.<mode>.seeds: the sweep's seed still draws the validation split, the
+        # augmented pass and the random maps, so it is named too (where the two agree, "seed" says both)
+        ident["sweep_seed"] = int(cfg.seed)
     if map_seed != selection.SEED_NOT_APPLICABLE:
         ident["map_seed"] = int(map_seed)
     if mode != "none":

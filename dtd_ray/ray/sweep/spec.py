@@ -309,6 +309,8 @@ def resolve_retrain(cfg: SweepConfig) -> dict[str, RetrainSpec]:
                 raise ValueError(f"retrain.{mode}.lr must be a number or a list of numbers, got {spec.lr!r}") from None
             if int(spec.epochs) < 1 or int(spec.batch_size) < 1 or not lrs or min(float(v) for v in lrs) <= 0:
                 raise ValueError(f"retrain.{mode}: epochs and batch_size must be ≥ 1 and lr > 0")
+            if isinstance(spec.lr, list) and len(set(spec.lr)) != len(spec.lr):
+                raise ValueError(f"retrain.{mode}.lr lists a value twice: {spec.lr}")
             if spec.seeds is not None and (not spec.seeds or len(set(spec.seeds)) != len(spec.seeds)):
                 raise ValueError(f"retrain.{mode}.seeds must be a non-empty list of distinct seeds, got {spec.seeds!r}")
         out[mode] = spec
