@@ -251,7 +251,9 @@ def render_markdown(
     started = sw.config.get("started_at", "?")
     versions = sw.config.get("versions", {})
     L = [f"# dtd-ray sweep report: {name}", ""]
-    again = f"--sweep {sw.root}" + (f" --output {cfg.output}" if cfg.output else "")
+    again = f"--sweep {sw.root}" + (f" --output {cfg.output}" if cfg.output else "") + "".join(
+        f" --{opt} {getattr(cfg, opt)}" for opt in ("augmented", "replication") if getattr(cfg, opt)) + (
+        f" --published '{cfg.published}'" if cfg.published else "")
     L.append(f"Made by `python jobs/report.py {again}` from {len(trials)} trial rows "
              f"(sweep started {started}; {', '.join(f'{k} {v}' for k, v in versions.items() if k in ('ray', 'torch'))}). "
              f"Accuracies are % on the `{trials['eval_split'].iloc[0]}` split; the maps were selected on "
