@@ -71,6 +71,19 @@ def pruning_summary(*, idx: Any, feature_dim: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- essentiality
 
 
+def _head_arrays(*, features: Any, labels: Any, weight: Any, bias: Any
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(f, y, W, b)`` as float64 / int64 arrays, features (N, m) and labels (N,) checked against W (C, m)."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    m = w.shape[1]
+    if f.ndim != 2 or f.shape[1] != m or y.shape != (f.shape[0],):
+        raise ValueError(f"features {f.shape} and labels {y.shape} do not match a head of width {m}")
+    return f, y, w, b
+
+
 def essentiality_test(
     *,
     features: Any,
@@ -103,13 +116,8 @@ def essentiality_test(
     seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty")
-    f = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64)
-    w = np.asarray(weight, dtype=np.float64)
-    b = np.asarray(bias, dtype=np.float64)
+    f, y, w, b = _head_arrays(features=features, labels=labels, weight=weight, bias=bias)
     C, m = w.shape
-    if f.ndim != 2 or f.shape[1] != m:
-        raise ValueError(f"features have shape {f.shape}, expected (N, {m})")
     if not np.isfinite(f).all():
         raise ValueError("features contain NaN or inf values")
     if y.size and (y.min() < 0 or y.max() >= C):
@@ -186,13 +194,8 @@ def ablation_outcomes(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty")
-    f = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64)
-    w = np.asarray(weight, dtype=np.float64)
-    b = np.asarray(bias, dtype=np.float64)
+    f, y, w, b = _head_arrays(features=features, labels=labels, weight=weight, bias=bias)
     C, m = w.shape
-    if f.ndim != 2 or f.shape[1] != m or y.shape != (f.shape[0],):
-        raise ValueError(f"features {f.shape} and labels {y.shape} do not match a head of width {m}")
     I = heads.check_map(idx, num_classes=C, feature_dim=m).numpy()
     k = I.shape[1]
     mu = None
