@@ -1,6 +1,6 @@
 """Benchmark: the extraction pipeline (``run_extract`` on Ray Data) against a plain PyTorch loop.
 
-    python jobs/bench_extract.py                                   # CPU: png (cifar_resnet20) + proxy
+    python jobs/bench_extract.py                                   # CPU: png (cifar_resnet20), proxy, pngproxy
     python jobs/bench_extract.py --device cuda --modes png,jpeg --models cifar_resnet20,cifar_resnet56
     python jobs/bench_extract.py prepare --dest runs/bench_device  # data for a GPU box (README, "GPU measurement")
 
@@ -31,27 +31,29 @@ from dtd_ray import cli
 from dtd_ray import config as config_lib
 from dtd_ray.models.extractor import FeatureExtractor
 from dtd_ray.ray import benchmark as bm
+from dtd_ray.ray import plain_loops
 
 CKPT = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th",
         "cifar_resnet44": "resnet44-014dd654.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
-MODES, DEVICES = ("png", "jpeg", "proxy"), ("auto", "cpu", "cuda")
-TINY = "bench_tiny"
+MODES, DEVICES = ("png", "jpeg", "proxy", "pngproxy"), ("auto", "cpu", "cuda")
+TINY, TINY_RGB = "bench_tiny", "bench_tiny_rgb"  # the proxies' near-free models: Fashion-MNIST's, CIFAR-10's
+PROXIES = ("proxy", "pngproxy")  # GPU-scaled runs: a near-free model, a GPU run's batch and rows per file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @config_lib.config_class
 class BenchConfig:
     data: Annotated[str, Field(description="folder with cifar10/<split>/<class>/*.png and cifar_resnets/*.th (png, jpeg modes)")] = "../shared/data"
-    modes: Annotated[tuple[str, ...], Field(description="benchmarks to run: png, jpeg, proxy")] = ("png", "proxy")
+    modes: Annotated[tuple[str, ...], Field(description="benchmarks to run: png, jpeg, proxy, pngproxy")] = ("png", "proxy", "pngproxy")
     models: Annotated[tuple[str, ...], Field(description="png mode's models (cifar_resnet20/32/44/56)")] = ("cifar_resnet20",)
     device: Annotated[str, Field(description="auto (CUDA where torch sees it), cpu or cuda (without CUDA: a one-line error, exit 2)")] = "auto"
     repeats: Annotated[int, Field(description="repeats of each case (each: both sides, a small and a full run; medians are reported)")] = 3
     split: Annotated[str, Field(description="split of <data>/cifar10 to read")] = "test"
-    images: Annotated[int | None, Field(description="this many of the split's images, evenly over the classes, before replicas (None: 6,000 on the CPU, all on CUDA; 0: all)")] = None
+    images: Annotated[int | None, Field(description="this many of the split's images, evenly over the classes, before replicas (None, 0: all; png, jpeg and pngproxy modes)")] = None
     replicas: Annotated[int, Field(description="png and jpeg modes: every image hard-linked this many times into a temporary folder")] = 1
-    batch_size: Annotated[int | None, Field(description="None: 1024 for proxy; png 1024 on CUDA, 256 on the CPU; jpeg 256")] = None
+    batch_size: Annotated[int | None, Field(description="None: 1024 for the proxies; png 1024 on CUDA, 256 on the CPU; jpeg 256")] = None
     kmax: Annotated[int, Field(description="ranked top-k per instance, both sides")] = 64
-    workers: Annotated[int | None, Field(description="plain loop's DataLoader workers (None: all cores but one)")] = None
+    workers: Annotated[int | None, Field(description="plain loop's DataLoader workers (None: all cores but one; pngproxy: all cores)")] = None
     jpeg_model: Annotated[str, Field(description="jpeg mode's model (a torchvision backbone at 224 px; random init)")] = "resnet50"
     jpeg_images: Annotated[int, Field(description="jpeg mode: synthetic JPEGs made (from that many PNGs), before replicas")] = 2000
     jpeg_quality: Annotated[int, Field(description="JPEG quality of the synthetic images")] = 90
@@ -59,6 +61,7 @@ class BenchConfig:
     proxy_data: Annotated[str, Field(description="proxy mode's array source: fashion-mnist[:PATH]")] = "fashion-mnist"
     proxy_splits: Annotated[tuple[str, ...], Field(description="proxy mode's small and full runs (10,000 and 60,000 images, before replicas)")] = ("test", "train")
     proxy_replicas: Annotated[int, Field(description="proxy mode: both splits repeated this many times (an IDX copy in --tmp): 50,000 and 300,000 images")] = 5
+    pngproxy_replicas: Annotated[int, Field(description="pngproxy mode: every PNG hard-linked this many times (CIFAR-10 test: 10,000 x 24 = 240,000 images, and half: the small run must outlast the model actor's start, or it is decoded whole meanwhile)")] = 24
     tmp: Annotated[str | None, Field(description="where the temporary image folders and records go (None: runs/ here, beside the data's filesystem)")] = None
     output: Annotated[str | None, Field(description="JSON path (None: results/gpu/bench_extract_<device>.json; '' writes none)")] = None
     verbose: Annotated[bool, Field(description="print Ray Data's ds.stats() and the pipeline's own progress lines")] = False
@@ -76,6 +79,7 @@ class BenchConfig:
         if "png" in self.modes and (unknown or not self.models):
             raise ValueError(f"models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(CKPT)}")
         for name, low in (("repeats", 1), ("replicas", 1), ("kmax", 1), ("jpeg_images", 1), ("proxy_replicas", 1),
+                          ("pngproxy_replicas", 1),
                           ("jpeg_replicas", 1), ("batch_size", 1), ("images", 0), ("workers", 0)):
             value = getattr(self, name)
             if value is not None and value < low:
@@ -111,13 +115,12 @@ def resolve_device(*, device: str, cuda_available: bool) -> str:
 
 
 def default_batch_size(*, mode: str, device: str) -> int:
-    # The proxy stands in for a GPU run's plumbing (Ray Data's per-batch cost is part of what it measures),
-    # so it takes a GPU run's batch on any device.
-    return 1024 if mode == "proxy" or (device == "cuda" and mode == "png") else 256
+    # The proxies stand in for a GPU run: its batch on any device, and (run_case) its rows per file and one thread.
+    return 1024 if mode in PROXIES or (device == "cuda" and mode == "png") else 256
 
 
-def default_workers(*, cpu_count: int) -> int:
-    return max(1, cpu_count - 1)
+def default_workers(*, cpu_count: int, mode: str = "png") -> int:  # pngproxy: decoding is all there is to do
+    return cpu_count if mode == "pngproxy" else max(1, cpu_count - 1)
 
 
 def default_output(*, device_slug: str) -> str:
@@ -133,9 +136,11 @@ def device_slug(*, device: str, name: str) -> str:
 
 
 def register_tiny() -> None:
-    """Register ``bench_tiny`` in this process (once): the proxy's near-free model, a 1x1 conv, 8x8 average
-    pooling to 64 features and a 64->10 head, random init. The registry's smallest backbone (cifar_resnet8)
-    would hide the plumbing that the proxy measures."""
+    """Register the proxies' near-free models here (once): ``bench_tiny`` (Fashion-MNIST) and ``bench_tiny_rgb``
+    (CIFAR-10), a 1x1 conv, 8x8 average pooling to 64 features and a 64->10 head, random init: the registry's
+    smallest backbone (cifar_resnet8) would hide the plumbing that the proxies measure."""
+    import functools
+
     from torch import nn
 
     from dtd_ray.data.preprocessing import NORMALIZATIONS, Preprocessing
@@ -145,15 +150,16 @@ def register_tiny() -> None:
         return nn.Sequential(nn.Conv2d(in_channels, 1, 1, bias=False), nn.AdaptiveAvgPool2d(8), nn.Flatten(),
                              nn.Linear(64, num_classes))
 
-    mean, std = NORMALIZATIONS["fashion-mnist"]
-    with contextlib.suppress(ValueError):  # registered already: an earlier case, or an actor's reused process
-        register_backbone(TINY, builder=build, description="bench_extract's proxy model (1x1 conv, 8x8 pool, linear)",
-                          preprocessing=Preprocessing(mean=mean, std=std, size=28, channels=1))
+    for name, data, size, channels in ((TINY, "fashion-mnist", 28, 1), (TINY_RGB, "cifar10", 32, 3)):
+        mean, std = NORMALIZATIONS[data]
+        with contextlib.suppress(ValueError):  # registered already: an earlier case, or an actor's reused process
+            register_backbone(name, builder=functools.partial(build, in_channels=channels),
+                              description=f"bench_extract's proxy model for {data} (1x1 conv, 8x8 pool, linear)",
+                              preprocessing=Preprocessing(mean=mean, std=std, size=size, channels=channels))
 
 
 class TinyExtractor(FeatureExtractor):
-    """The proxy's model stage: the project's callable, after registering ``bench_tiny`` in the actor's
-    process. Only the actors need it: the decode and write workers stay as they are in a real run."""
+    """The proxies' model stage: the project's callable, after registering the tiny models in the actor."""
 
     def __init__(self, **kwargs: Any) -> None:
         register_tiny()
@@ -165,22 +171,28 @@ def run_case(*, mode: str, model: str, cfg: BenchConfig, device: str, sizes: dic
     """Both sides on both sizes (an image folder or a proxy split each), ``cfg.repeats`` times, interleaved;
     the case's record. ``warm_up``: one untimed run of each side first (Ray's first tasks start its worker
     processes, the plain loop's first run imports torchvision's datasets: a cold run skews the first repeat)."""
-    from dtd_ray.ray.extract import ExtractConfig
+    from dtd_ray.ray.extract import GPU_ROWS_PER_FILE, ExtractConfig
 
     def one(side: str, size: dict[str, Any]) -> dict[str, Any]:
         out_dir = tempfile.mkdtemp(prefix="out_", dir=tmp)
         try:
             ecfg = ExtractConfig(model=model, weights=weights, splits=(size["split"],), output=out_dir, kmax=cfg.kmax,
                                  dataset=size["source"] if mode == "proxy" else f"imagefolder:{size['root']}",
-                                 batch_size=batch_size, use_gpu=device == "cuda")
+                                 batch_size=batch_size, use_gpu=device == "cuda",
+                                 **({"rows_per_file": GPU_ROWS_PER_FILE, "cpu_threads": 1} if mode in PROXIES else {}))
             if side == "ray":
-                return bm.ray_run(ecfg, verbose=cfg.verbose, model_stage=TinyExtractor if mode == "proxy" else None)
+                return bm.ray_run(ecfg, verbose=cfg.verbose, model_stage=TinyExtractor if mode in PROXIES else None)
             if mode == "proxy":
-                return bm.plain_proxy(spec=size["source"], split=size["split"], model=TINY, device=device,
-                                      batch_size=batch_size, kmax=cfg.kmax, rows_per_file=ecfg.rows_per_file,
+                return plain_loops.plain_proxy(spec=size["source"], split=size["split"], model=TINY, device=device,
+                                      batch_size=batch_size, kmax=cfg.kmax, rows_per_file=GPU_ROWS_PER_FILE,
                                       out_dir=os.path.join(out_dir, "plain"))
-            return bm.plain_folder(root=os.path.join(size["root"], size["split"]), model=model, weights=weights,
-                                   device=device, batch_size=batch_size, kmax=cfg.kmax, workers=workers)
+            root = os.path.join(size["root"], size["split"])
+            if mode == "pngproxy":
+                return plain_loops.plain_pngproxy(root=root, model=TINY_RGB, device=device, batch_size=batch_size,
+                                         kmax=cfg.kmax, workers=workers, rows_per_file=GPU_ROWS_PER_FILE,
+                                         out_dir=os.path.join(out_dir, "plain"))
+            return plain_loops.plain_folder(root=root, model=model, weights=weights, device=device, batch_size=batch_size,
+                                   kmax=cfg.kmax, workers=workers)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -208,6 +220,7 @@ def run_case(*, mode: str, model: str, cfg: BenchConfig, device: str, sizes: dic
         repeats.append(rep)
         print(f"[bench] {mode} {model} repeat {r + 1}/{cfg.repeats} (load {load0:.2f} -> {rep['load'][1]:.2f}):\n"
               f"  {bm.side_line('plain', rep['plain'])}\n  {bm.side_line('ray  ', rep['ray'])}\n"
+              f"        CPU per image by process (us, marginal): {bm.kinds_line(rep)}\n"
               f"        ray: run_extract's own {fmt(full['pipeline_img_s'])} img/s, decoded ahead of the first model "
               f"output {fmt(small['ahead_rows'], ',')} / {fmt(full['ahead_rows'], ',')} rows (decoding: "
               f"{fmt(None if share is None else 100 * share, '.0f')} % of its CPU), write tail "
@@ -227,7 +240,9 @@ def run_case(*, mode: str, model: str, cfg: BenchConfig, device: str, sizes: dic
     print(f"  median of {cfg.repeats}: plain {fmt(m['plain_steady_img_s'])} img/s, ray {fmt(m['ray_steady_img_s'])} "
           f"img/s, ratio {fmt(m['ratio'], '.2f')} (e2e {fmt(m['ratio_e2e'], '.2f')}, CPU per image plain / ray "
           f"{fmt(m['cpu_ratio'], '.2f')}); time to first row: plain {fmt(m['plain_startup_s'], '.2f')} s, ray "
-          f"{fmt(m['ray_startup_s'], '.2f')} s\n", flush=True)
+          f"{fmt(m['ray_startup_s'], '.2f')} s; CPU per image by process (us): "
+          f"{bm.kinds_line({side: {'cpu_us_by_kind': m[f'{side}_cpu_us_by_kind']} for side in ('plain', 'ray')})}\n",
+          flush=True)
     return {"mode": mode, "model": model, "images": sizes["full"]["images"], "images_small": sizes["small"]["images"],
             "batch_size": batch_size, "workers": workers, "device": device, "warmup_s": warmup_s,
             "data": {k: v for k, v in sizes["full"].items() if k != "root"}, "repeats": repeats, "median": m,
@@ -244,7 +259,7 @@ def image_folders(*, cfg: BenchConfig, mode: str, items: list[tuple[str, str]], 
         src = bm.list_images(root=os.path.join(jp["root"], cfg.split))
         extra = {"mean_bytes": jp["mean_bytes"], "sizes": jp["sizes"], "quality": cfg.jpeg_quality}
         what = f"{jp['images']} JPEGs (mean {jp['mean_bytes'] / 1000:.0f} kB)"
-    reps = (cfg.jpeg_replicas or cfg.replicas) if mode == "jpeg" else cfg.replicas
+    reps = {"jpeg": cfg.jpeg_replicas or cfg.replicas, "pngproxy": cfg.pngproxy_replicas}.get(mode, cfg.replicas)
     subsets = (("warm", bm.pick_evenly(src, n=min(len(src), 2 * batch_size)), 1),
                ("small", bm.pick_evenly(src, n=len(src) // 2), reps), ("full", src, reps))
     out = {size: bm.make_replica_folder(sub, dest=os.path.join(tmp, f"{mode}_{size}"), split=cfg.split, replicas=r)
@@ -267,20 +282,21 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workers = default_workers(cpu_count=ncpu) if cfg.workers is None else cfg.workers
     # Inputs are checked before Ray starts: a missing folder is one line, not a stack of Ray output.
     items = []
-    if "png" in cfg.modes or "jpeg" in cfg.modes:
-        n = cfg.images if cfg.images is not None else (6000 if device == "cpu" else 0)
+    if {"png", "jpeg", "pngproxy"} & set(cfg.modes):
+        n = cfg.images or 0
         items = bm.pick_evenly(bm.list_images(root=os.path.join(cfg.data, "cifar10", cfg.split)), n=n)
     for m in cfg.models if "png" in cfg.modes else ():
         if not os.path.isfile(os.path.join(cfg.data, "cifar_resnets", CKPT[m])):
             raise FileNotFoundError(f"{os.path.join(cfg.data, 'cifar_resnets', CKPT[m])} not found ({m}'s weights)")
+    if set(PROXIES) & set(cfg.modes):
+        register_tiny()  # in the driver (run_extract checks the model here); TinyExtractor registers it in the actors
+        if __name__ != "__main__":  # imported: the workers cannot import this file, so TinyExtractor goes by value
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     if "proxy" in cfg.modes:
         missing = [s for s in cfg.proxy_splits if s not in parse_source(cfg.proxy_data).splits()]
         if missing:
             raise ValueError(f"proxy_splits: {', '.join(missing)} not in {cfg.proxy_data}; "
                              f"valid: {', '.join(parse_source(cfg.proxy_data).splits())}")
-        register_tiny()  # in the driver (run_extract checks the model here); TinyExtractor registers it in the actors
-        if __name__ != "__main__":  # imported: the workers cannot import this file, so TinyExtractor goes by value
-            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     machine = {"device": gpu or f"CPU: {bm.cpu_model()}", "device_type": device, "gpu": gpu,
                "cpu_model": bm.cpu_model(), "cpu_count": ncpu, "cuda": torch.version.cuda if gpu else None,
@@ -332,6 +348,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                           f"pre-decoded arrays, model {TINY}, batch {bs}; both sides prepare_batch + "
                           f"FeatureExtractor + write_part", flush=True)
                     todo = [(TINY, None, sizes, 0)]
+                elif mode == "pngproxy":
+                    w = cfg.workers if cfg.workers is not None else default_workers(cpu_count=ncpu, mode=mode)
+                    print(f"[bench] pngproxy: PNGs decoded (plain: {w} DataLoader workers), model {TINY_RGB}, batch {bs}",
+                          flush=True)
+                    todo = [(TINY_RGB, None, folders[mode], w)]
                 else:
                     print(f"[bench] {mode}: batch {bs}; the plain loop decodes with {workers} worker(s)", flush=True)
                     todo = [(m, os.path.join(cfg.data, "cifar_resnets", CKPT[m]) if mode == "png" else None,

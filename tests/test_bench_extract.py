@@ -19,12 +19,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from dtd_ray import config as config_lib
 from dtd_ray.ray import benchmark as bm
+from dtd_ray.ray import plain_loops
 from dtd_ray.ray import procstats
 from dtd_ray.ray.pipeline_stats import BlockTiming, OperatorStats, partition_stats
 from jobs import bench_extract as be
@@ -248,28 +251,28 @@ def _ops():
     return [
         OperatorStats("FromArrow", "read", (_block(500, 100.5, 100.6, None), _block(500, 100.5, 100.6, None))),
         OperatorStats("MapBatches(prepare_batch)", "prepare", (_block(500, 101.0, 102.0, 0), _block(500, 101.5, 103.0, 1))),
-        # the proxy's model stage is a FeatureExtractor subclass: labelled as the model stage all the same
-        OperatorStats("MapBatches(TinyExtractor)", "model", (_block(500, 104.0, 105.0, 0), _block(500, 105.0, 106.0, 1))),
-        OperatorStats("MapBatches(write_part)", "write", (_block(1, 106.0, 106.5, 0),)),
+        # the proxy's model stage is a FeatureExtractor subclass: labelled as the model stage all the same; it
+        # writes the records and outputs one summary row per file
+        OperatorStats("MapBatches(TinyExtractor)", "model", (_block(1, 104.0, 105.0, 0), _block(1, 105.0, 106.0, 1))),
     ]
 
 
 def test_stage_table_from_block_stats():
     t0, ops = 100.0, _ops()
     table = bm.stage_table(ops, t0=t0)
-    assert [s["stage"] for s in table] == ["FromArrow", "prepare_batch", "FeatureExtractor", "write_part"]
-    read, prep, model, write = table
+    assert [s["stage"] for s in table] == ["FromArrow", "prepare_batch", "FeatureExtractor"]
+    read, prep, model = table
     assert read["tasks"] == 1 and read["rows"] == 1000  # a read's blocks come from one task without an index
     assert prep["rows"] == 1000 and prep["tasks"] == 2 and prep["blocks"] == 2
     assert prep["first_start_s"] == 1.0 and prep["first_out_s"] == 2.0 and prep["span_s"] == 2.0
     assert prep["rows_per_s"] == 500.0 and prep["busy_s"] == 2.5 and prep["cpu_s"] == 0.2
-    assert model["first_out_s"] == 5.0 and model["first_out_rows"] == 500 and model["last_out_s"] == 6.0
-    # write_part outputs one summary row per file: its rate is over the rows it consumed
-    assert write["rows"] == 1000 and write["rows_out"] == 1 and write["rows_per_s"] == 2000.0
+    assert model["first_out_s"] == 5.0 and model["first_out_rows"] == 1 and model["last_out_s"] == 6.0
+    # the model stage outputs one summary row per file: its rate is over the rows it consumed
+    assert model["rows"] == 1000 and model["rows_out"] == 2 and model["rows_per_s"] == 500.0
     assert ops[1].rows_done_by(ops[2].first_out_s) == 1000
     assert ops[1].rows_done_by(102.5) == 500
     assert bm.stage_table([OperatorStats("Empty", "read", ())], t0=t0)[0]["rows_per_s"] is None
-    assert bm.decode_share(table) == round(0.2 / 0.7, 3)  # prepare's 0.2 of the stages' 0.7 CPU seconds
+    assert bm.decode_share(table) == round(0.2 / 0.6, 3)  # prepare's 0.2 of the stages' 0.6 CPU seconds
     assert bm.decode_share(table[2:]) is None
 
 
@@ -280,36 +283,42 @@ def test_partition_stats_names_each_operators_stage():
         task_idx=task, start_time_s=1.0, end_time_s=2.0, wall_time_s=1.0, cpu_time_s=0.5))
     parent = SimpleNamespace(parents=[], metadata={"FromArrow->MapBatches(prepare_batch)": [meta(3, None)]})
     raw = SimpleNamespace(parents=[parent], metadata={
-        "MapBatches(TinyExtractor)": [meta(2, 0), meta(1, 1)], "MapBatches(write_part)": [meta(1, 0)],
-        "Limit": [SimpleNamespace(num_rows=3, exec_stats=None)]})
+        "MapBatches(TinyExtractor)": [meta(2, 0), meta(1, 1)], "Limit": [SimpleNamespace(num_rows=3, exec_stats=None)]})
     ds = SimpleNamespace(_raw_stats=lambda: raw, stats=lambda: "text")
     st = partition_stats(ds, model="m", split="test", model_stage=be.TinyExtractor, started_s=0.0, ended_s=3.0)
     assert [(op.name, op.stage) for op in st.operators] == [
         ("FromArrow->MapBatches(prepare_batch)", "read+prepare"), ("MapBatches(TinyExtractor)", "model"),
-        ("MapBatches(write_part)", "write"), ("Limit", "read")]
+        ("Limit", "read")]
     model = st.operators[1]
     assert model.rows_out == 3 and model.first_out_s == 2.0 and model.blocks[1].task == 1
-    assert st.operators[3].blocks == (BlockTiming(rows=3, task=None, start_s=None, end_s=None, wall_s=0.0, cpu_s=0.0),)
+    assert st.operators[2].blocks == (BlockTiming(rows=3, task=None, start_s=None, end_s=None, wall_s=0.0, cpu_s=0.0),)
     assert st.text == "text" and (st.started_s, st.ended_s) == (0.0, 3.0)
 
 
 def test_marginal_rate_and_medians():
-    small = bm.run_figures(rows=1000, seconds=6.0, t_first=4.0, first_rows=100, cpu_s=3.0)
-    full = bm.run_figures(rows=3000, seconds=10.0, t_first=4.0, first_rows=100, cpu_s=7.0)
+    small = bm.run_figures(rows=1000, seconds=6.0, t_first=4.0, first_rows=100, cpu_s=3.0,
+                           cpu_by_kind={"driver": 1.0, "worker": 2.0})
+    full = bm.run_figures(rows=3000, seconds=10.0, t_first=4.0, first_rows=100, cpu_s=7.0,
+                          cpu_by_kind={"driver": 1.5, "worker": 5.5})
     assert full["e2e_img_s"] == 300.0 and full["startup_s"] == 4.0
     assert full["after_first_img_s"] == round(2900 / 6.0, 1)
     side = bm.side_figures(small=small, full=full)
     assert side["steady_img_s"] == 500.0  # 2000 more rows in 4 more seconds: the start-up cancels
     assert side["fixed_s"] == 4.0  # 10 s - 3000 / 500
     assert side["cpu_ms_per_img"] == 2.0  # 4 CPU seconds more for 2000 rows more
+    assert side["cpu_us_by_kind"] == {"driver": 250.0, "worker": 1750.0}  # per kind: 0.5 and 3.5 s more
+    line = bm.kinds_line({"plain": {"cpu_us_by_kind": {"main": 10.0, "loader": 0.0}}, "ray": side})
+    assert line == "plain main 10.0; ray driver 250.0, worker 1750.0"  # kinds that took nothing left out
     # no positive time difference (noise): no rate rather than a negative one
     assert bm.side_figures(small=full, full=small)["steady_img_s"] is None
 
     def rep(plain, ray, ahead=0.1):
         p = bm.side_figures(small=bm.run_figures(rows=1000, seconds=1000 / plain + 1, t_first=1.0, first_rows=10, cpu_s=2),
                             full=bm.run_figures(rows=2000, seconds=2000 / plain + 1, t_first=1.0, first_rows=10, cpu_s=4))
-        r = bm.side_figures(small=bm.run_figures(rows=1000, seconds=1000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=3),
-                            full=bm.run_figures(rows=2000, seconds=2000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=4))
+        r = bm.side_figures(small=bm.run_figures(rows=1000, seconds=1000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=3,
+                                                 cpu_by_kind={"worker": 3.0}),
+                            full=bm.run_figures(rows=2000, seconds=2000 / ray + 5, t_first=5.0, first_rows=10, cpu_s=4,
+                                                cpu_by_kind={"worker": 4.0 + ray / 1000}))
         r["small"]["ahead_frac"] = ahead
         return {"plain": p, "ray": r, "ratio": bm.ratio(r["steady_img_s"], p["steady_img_s"]),
                 "stages": [{"stage": "FeatureExtractor", "rows_per_s": ray}]}
@@ -321,6 +330,8 @@ def test_marginal_rate_and_medians():
     assert med["ahead_small_max"] == 0.5
     assert med["plain_cpu_ms_per_img"] == 2.0 and med["ray_cpu_ms_per_img"] == 1.0 and med["cpu_ratio"] == 2.0
     assert med["stage_rows_per_s"] == {"FeatureExtractor": 80.0}
+    # per kind of process: the median over repeats (1 s + 90, 80 or 60 ms more for 1000 rows more)
+    assert med["ray_cpu_us_by_kind"] == {"worker": 1080.0} and med["plain_cpu_us_by_kind"] == {}
 
 
 def test_tree_cpu_counts_a_child_that_ended():
@@ -352,7 +363,7 @@ def test_json_record_fields():
     assert rec["device"] == "CPU: x" and rec["cpu_count"] == 2 and rec["versions"]["ray"] == "2.y"
     assert rec["machine"]["load_start"] == [1.0, 1.0, 1.0]
     assert rec["summary"] == [{"mode": "png", "model": "cifar_resnet20", "images": 10000, "batch_size": 256, **med}]
-    assert rec["config"]["modes"] == ["png", "proxy"]
+    assert rec["config"]["modes"] == ["png", "proxy", "pngproxy"]
     json.loads(json.dumps(rec))  # plain JSON
 
 
@@ -371,10 +382,28 @@ def test_committed_cpu_json_has_the_fields_if_present():
 
 
 def test_plain_folder_counts_every_row(folder):
-    r = bm.plain_folder(root=str(folder), model="cifar_resnet8", weights=None, device="cpu", batch_size=5, kmax=8,
+    r = plain_loops.plain_folder(root=str(folder), model="cifar_resnet8", weights=None, device="cpu", batch_size=5, kmax=8,
                         workers=0)
     assert r["rows"] == 12 and r["seconds"] > 0 and 0 <= r["startup_s"] <= r["seconds"]
     assert r["e2e_img_s"] == pytest.approx(12 / r["seconds"], rel=0.05) and r["cpu_s"] > 0  # seconds are rounded
+    assert r["cpu_by_kind"]["main"] > 0 and r["cpu_by_kind"]["loader"] == 0  # no workers: all in this process
+
+
+def test_plain_pngproxy_decodes_in_workers_and_writes_every_record(folder, tmp_path):
+    """The PNG proxy's plain loop: every image decoded by the DataLoader's worker processes (their CPU is
+    counted once they are joined), the model's records written in files of at most rows_per_file rows."""
+    from dtd_ray.io import records
+
+    be.register_tiny()
+    out = tmp_path / "plain"
+    r = plain_loops.plain_pngproxy(root=str(folder), model=be.TINY_RGB, device="cpu", batch_size=5, kmax=8, workers=2,
+                          rows_per_file=6, out_dir=str(out))
+    assert r["rows"] == 12 and 0 < r["startup_s"] <= r["seconds"]
+    assert r["cpu_by_kind"]["loader"] > 0 and r["cpu_s"] == pytest.approx(sum(r["cpu_by_kind"].values()), abs=2e-3)
+    files = sorted(out.glob("part-*.parquet"))
+    assert len(files) == 2  # 5 + 5 rows held, written at 10; the last 2 at the end
+    got = records.table_to_records(pa.concat_tables([pq.read_table(f) for f in files]))
+    assert sorted(got["sample_id"].tolist()) == list(range(12)) and got["features"].shape == (12, 64)
 
 
 def test_tiny_model_registers_itself_in_a_fresh_process():
@@ -400,7 +429,8 @@ def test_tiny_model_registers_itself_in_a_fresh_process():
 
 def test_ray_run_figures_of_a_real_pipeline(ray_local, tmp_path):
     """One pipeline run through ray_run: every row counted, the stages in order with the model's first
-    output and the rows decoded by then, and the CPU of the session's processes by kind."""
+    output (its first file written) and the rows decoded by then, and the CPU of the session's processes by
+    kind."""
     from dtd_ray.ray.extract import ExtractConfig
 
     for c, cls in enumerate(("cat", "dog", "ship")):
@@ -411,9 +441,9 @@ def test_ray_run_figures_of_a_real_pipeline(ray_local, tmp_path):
     r = bm.ray_run(cfg, verbose=False)
     assert r["rows"] == 12 and r["seconds"] > 0 and 0 < r["startup_s"] < r["seconds"]
     stages = {s["stage"]: s for s in r["stages"]}
-    assert list(stages)[1:] == ["prepare_batch", "FeatureExtractor", "write_part"]
-    assert stages["FeatureExtractor"]["rows"] == 12 == stages["FeatureExtractor"]["rows_out"]
-    assert stages["write_part"]["rows_out"] == 3  # one summary row per file of at most 5 rows
+    assert list(stages)[1:] == ["prepare_batch", "FeatureExtractor"]  # the model stage writes the records
+    assert stages["FeatureExtractor"]["rows"] == 12
+    assert stages["FeatureExtractor"]["rows_out"] == 3  # one summary row per file of at most 5 rows
     assert r["startup_s"] == stages["FeatureExtractor"]["first_out_s"] and 0 < r["ahead_rows"] <= 12
     assert r["cpu_by_kind"]["driver"] > 0 and r["cpu_by_kind"]["worker"] > 0
     assert "FeatureExtractor" in r["stats_text"] and r["write_tail_s"] is not None

@@ -22,6 +22,7 @@ from PIL import Image
 from dtd_ray.data import transforms
 from dtd_ray.data.sources import parse_idx, parse_source
 from dtd_ray.data.transforms import cifar_augment, prepare_batch
+from dtd_ray.ray import datasets
 from dtd_ray.ray.datasets import to_ray_dataset
 
 from conftest import CIFAR10_DIR, FASHION_MNIST_DIR
@@ -462,6 +463,33 @@ def test_cifar_augment_reproducible_and_shard_independent():
         prepare_batch(batch, preprocessing=Prep(size=8), augment="mixup")
     with pytest.raises(ValueError, match="unknown on_bad_input"):
         prepare_batch(batch, preprocessing=Prep(size=8), on_bad_input="ignore")
+
+
+# ----------------------------------------------------------------------------- block sizes
+
+
+def test_blocks_make_whole_calls_of_the_model_stage():
+    """Blocks are cut so that a model-stage call (rows per file) is never cut short at a block's end."""
+    assert datasets.whole_calls(5350, 4096) == 4096 and datasets.whole_calls(6200, 4096) == 8192
+    assert datasets.whole_calls(512, 1024) == 512 and datasets.whole_calls(700, 1000) == 500  # divisors below
+    assert datasets.whole_calls(1500, 1) == 1500 and datasets.whole_calls(3, 7) == 1
+    for rows, call in ((5350, 4096), (700, 1000), (1365, 1024), (2048, 4096)):
+        r = datasets.whole_calls(rows, call)
+        assert (r % call == 0) if r >= call else (call % r == 0)
+    np.testing.assert_array_equal(datasets._row_bounds(10, 4), [0, 4, 8, 10])
+    np.testing.assert_array_equal(datasets._row_bounds(8, 4), [0, 4, 8])
+    np.testing.assert_array_equal(datasets._row_bounds(0, 4), [0, 0])  # one empty block
+
+
+def test_folder_blocks_by_decoded_size_and_cluster_cpus():
+    """About 32 MiB of decoded pixels a block, 512 to 2,048 files, and two blocks per CPU where the split has
+    the files: 32-px images in large blocks, 224-px ones in 512, a small split spread over the cores."""
+    rows = datasets.folder_block_rows
+    assert rows(250_000, decoded_bytes=32 * 32 * 3, cpus=16) == 2048
+    assert rows(1_281_167, decoded_bytes=224 * 224 * 3, cpus=16) == 512
+    assert rows(10_000, decoded_bytes=32 * 32 * 3, cpus=2) == 2048 and rows(10_000, decoded_bytes=3072, cpus=4) == 1250
+    assert rows(10_000, decoded_bytes=32 * 32 * 3, cpus=64) == 512  # the floor: never tiny tasks
+    assert rows(10_000, decoded_bytes=None, cpus=2) == 512  # size unknown: the floor
 
 
 # ----------------------------------------------------------------------------- Ray datasets

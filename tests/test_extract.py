@@ -115,7 +115,81 @@ def test_feature_extractor_callable_matches_plain_forward(tiny):
     assert out["ok"].all() and out["topk_val"].shape == (len(files), 8)
 
 
+def test_writing_stage_writes_each_call_and_returns_its_summary(tiny, tmp_path):
+    """The pipeline's model stage, without Ray: a call's rows prepared where asked (decoded arrays), run in
+    model batches and written to one file whose records are the callable's; only the file's summary comes
+    back; a row marked bad upstream is counted in the summary, not written; the class keeps the model's name."""
+    import pyarrow.parquet as pq
+
+    from dtd_ray.data.transforms import prepare_batch
+    from dtd_ray.models.backbones import get_backbone
+    from dtd_ray.models.extractor import writing_stage
+
+    stage_cls = writing_stage(FeatureExtractor)
+    assert stage_cls.__name__ == "FeatureExtractor" and issubclass(stage_cls, FeatureExtractor)
+    kw = dict(model="cifar_resnet20", weights=str(tiny / "ckpt.th"), kmax=8, use_gpu=False)
+    pre = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th")).preprocessing
+    files = sorted((tiny / "data" / "test").glob("*/*.png"))
+    batch = {"image": np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]),
+             "sample_id": np.arange(len(files)), "label": np.repeat(np.arange(3), 6)}
+    ext = FeatureExtractor(**kw)
+    prepared = prepare_batch(batch, preprocessing=pre)
+    want = [ext({k: v[lo:lo + 4] for k, v in prepared.items()}) for lo in range(0, 18, 4)]  # the model's batches
+    want = {k: np.concatenate([w[k] for w in want]) for k in want[0]}
+
+    staging = tmp_path / "staging"
+    summary = stage_cls(**kw, staging_uri=str(staging), model_batch=4, prepare={"preprocessing": pre})(batch)
+    assert summary["rows"].tolist() == [18] and summary["min_id"].tolist() == [0]
+    assert summary["skipped"].tolist() == ["[]"] and set(summary) == {"file", "rows", "min_id", "skipped"}
+    got = records.table_to_records(pq.read_table(staging / summary["file"][0]))
+    for name in schema.RECORDS_SCHEMA.names:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got["features"], ext(prepared)["features"], rtol=1e-5, atol=1e-5)  # one batch alike
+
+    bad = dict(prepared, ok=np.arange(18) != 5, error=np.where(np.arange(18) == 5, "undecodable: x", "").astype(object))
+    summary = stage_cls(**kw, staging_uri=str(staging), model_batch=8)(bad)  # prepared upstream: no prepare
+    assert summary["rows"].tolist() == [17] and '"sample_id": 5' in summary["skipped"][0]
+    got = records.table_to_records(pq.read_table(staging / summary["file"][0]))
+    assert got["sample_id"].tolist() == [i for i in range(18) if i != 5]
+
+
+def _write_idx(folder: Path, split_prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Uncompressed IDX files (the Fashion-MNIST layout): magic, big-endian dimensions, the bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for arr, kind, magic in ((images, "images-idx3", 0x803), (labels, "labels-idx1", 0x801)):
+        head = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        (folder / f"{split_prefix}-{kind}-ubyte").write_bytes(head + arr.astype(np.uint8).tobytes())
+
+
 # ----------------------------------------------------------------------------- Ray end to end
+
+
+def test_decoded_arrays_are_prepared_in_the_model_stage(ray_local, tiny, tmp_path):
+    """An array source already at the model's size has no decode tasks: the model stage prepares each call's
+    rows. Every row is written once, in files of rows_per_file rows, with the callable's records."""
+    from dtd_ray.data.sources import parse_source
+    from dtd_ray.data.transforms import prepare_batch
+    from dtd_ray.models.backbones import get_backbone
+
+    rng = np.random.default_rng(1)
+    fm = tmp_path / "fm"
+    _write_idx(fm, "train", rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10)
+    _write_idx(fm, "t10k", rng.integers(0, 256, (2, 28, 28)), np.arange(2))
+    stats = []
+    cfg = _cfg(tiny, tmp_path, dataset=f"fashion-mnist:{fm}", splits=("train",), input_size=28, rows_per_file=16)
+    summary = run_extract(cfg, on_stats=stats.append)
+    assert summary["rows"] == 40 and summary["skipped"] == 0
+    assert [op.stage for op in stats[0].operators] == ["read", "model"]  # no prepare_batch operator
+    rec = records.load_records(str(tmp_path / "records"), model="tiny", split="train")
+    assert (rec["sample_id"] == np.arange(40)).all()
+    assert records.read_manifest(str(tmp_path / "records"), model="tiny", split="train")["files"] == 3  # 16, 16, 8
+
+    pre = get_backbone("cifar_resnet20", weights=str(tiny / "ckpt.th"), input_size=28).preprocessing
+    ext = FeatureExtractor(model="cifar_resnet20", weights=str(tiny / "ckpt.th"), input_size=28, kmax=10, use_gpu=False)
+    cols = parse_source(f"fashion-mnist:{fm}").read_numpy("train")
+    want = np.concatenate([ext(prepare_batch({k: v[lo:lo + 8] for k, v in cols.items()}, preprocessing=pre))["features"]
+                           for lo in range(0, 40, 8)])  # the model's batches: 8 rows within calls of 16
+    np.testing.assert_array_equal(rec["features"], want)
 
 
 def _cfg(tiny: Path, out: Path, **kw) -> ExtractConfig:

@@ -99,6 +99,11 @@ class Source:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": {}}
 
+    @property
+    def decoded(self) -> bool:
+        """Whether its rows hold decoded pixels (an ``image`` array) rather than files or their bytes."""
+        return self.kind not in ("imagefolder", "parquet")
+
     def splits(self) -> tuple[str, ...]:
         """The split names: the sorted sub-folders of ``path`` for image folders, else train, test."""
         if self.kind == "imagefolder":

@@ -1,7 +1,9 @@
 """The model as a batch-inference callable: uint8 images in, per-instance records out.
 
-Ray Data runs it in an actor pool (:mod:`dtd_ray.ray.extract`); it needs no Ray, so the
-tests and a bare GPU box call it directly.
+Ray Data runs it in an actor pool (:mod:`dtd_ray.ray.extract`) as the pipeline's model stage,
+:func:`writing_stage`: the callable with the write fused into its output (and, for decoded
+arrays, the prepare step into its input). Neither needs Ray, so the tests and a bare GPU box
+call them directly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import numpy as np
 import torch
 
 from dtd_ray.core.counting import rank_topk
-from dtd_ray.io import schema
+from dtd_ray.data.transforms import prepare_batch
+from dtd_ray.io import records, schema
 from dtd_ray.models.backbones import get_backbone
 from dtd_ray.models.runtime import Runtime, resolve_device
 
@@ -85,3 +88,38 @@ class FeatureExtractor:
         out["ok"] = np.asarray(batch["ok"], dtype=bool) if "ok" in batch else np.ones(n, dtype=bool)
         out["error"] = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
         return out
+
+
+def writing_stage(model_stage: type) -> type:
+    """The extraction pipeline's model stage: ``model_stage`` (:class:`FeatureExtractor` or a subclass)
+    whose calls write their records and return only the file's summary.
+
+    Built with ``model_stage``'s keyword arguments plus ``staging_uri``, ``model_batch`` and
+    ``prepare``. One call gets the rows of one Parquet file: it runs :func:`prepare_batch` on them
+    where ``prepare`` (its keyword arguments) is given, the model in chunks of ``model_batch`` rows,
+    then :func:`dtd_ray.io.records.write_part` into ``staging_uri``, and returns its one-row summary.
+    So the records never pass through the object store, and there is no write stage with its tasks
+    and hops. A call that fails, or whose process dies, leaves at most a file that no summary names,
+    which the driver's commit drops with the staging folder: nothing is lost or written twice.
+
+    Calls may run concurrently in one actor (the model of one while another writes); the model is
+    only read. The class is a subclass of ``model_stage`` under the same name, so that Ray Data names
+    the operator after the model (``MapBatches(FeatureExtractor)``).
+    """
+
+    class Stage(model_stage):
+        def __init__(self, *, staging_uri: str, model_batch: int, prepare: dict | None = None, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.staging_uri, self.model_batch, self.prepare = staging_uri, int(model_batch), prepare
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if self.prepare is not None:
+                batch = prepare_batch(batch, **self.prepare)
+            n, b = len(batch[schema.SAMPLE_ID]), self.model_batch
+            outs = [super(Stage, self).__call__({k: v[lo:lo + b] for k, v in batch.items()}) for lo in range(0, n, b)]
+            rec = outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+            return records.write_part(rec, staging_uri=self.staging_uri)
+
+    Stage.__name__ = Stage.__qualname__ = model_stage.__name__
+    Stage.__doc__ = f"{model_stage.__name__} with its records written (:func:`writing_stage`)."
+    return Stage

@@ -1,12 +1,12 @@
-"""What ``jobs/bench_extract.py`` measures with: its inputs, its two sides and its figures.
+"""What ``jobs/bench_extract.py`` measures with: its inputs, the pipeline's side and the figures.
 
 Sides: :func:`ray_run` (``run_extract`` timed, with its per-stage stats and the CPU of every process of
-the Ray session) and the plain loops it is compared with (:func:`plain_folder`: a strong PyTorch loop
-over an image folder; :func:`plain_proxy`: the pipeline's own functions called one after the other).
+the Ray session) and the plain loops it is compared with (:mod:`dtd_ray.ray.plain_loops`: a strong
+PyTorch loop over an image folder, and the proxies' loops of the pipeline's own functions).
 
 Inputs: image folders picked evenly over the classes, replicated by hard links (so that a fast device
 gets enough rows while the files stay few and in the page cache), synthetic ImageNet-like JPEGs, and a
-replicated Fashion-MNIST copy for the CPU proxy.
+replicated Fashion-MNIST copy for the array proxy.
 
 Figures: each side of a comparison (the pipeline, a plain loop) runs on a small and a full size of the
 same data. Its ``steady`` rate is the marginal one, (rows_full - rows_small) / (seconds_full -
@@ -152,12 +152,15 @@ def make_proxy_replica(spec: str, *, dest: str, splits: tuple[str, ...], replica
 
 
 def run_figures(*, rows: int, seconds: float, t_first: float | None, first_rows: int,
-                cpu_s: float | None = None) -> dict[str, Any]:
+                cpu_s: float | None = None, cpu_by_kind: dict[str, float] | None = None) -> dict[str, Any]:
     """One run of one side: ``rows`` in ``seconds`` (everything), its first output ``t_first`` s after the
-    start, ``cpu_s`` CPU seconds. ``after_first_img_s``, the rate after the first output, counts the work
-    done ahead during the start-up as speed (overstated where a pipeline decodes while its model starts)."""
+    start, ``cpu_s`` CPU seconds, ``cpu_by_kind`` those per kind of process (a plain loop's ``main`` and
+    ``loader`` workers; the pipeline's :data:`dtd_ray.ray.procstats.KINDS`). ``after_first_img_s``, the rate
+    after the first output, counts the work done ahead during the start-up as speed (overstated where a
+    pipeline decodes while its model starts)."""
     window = seconds - t_first if t_first is not None else 0.0
     return {"rows": int(rows), "seconds": round(seconds, 3), "cpu_s": None if cpu_s is None else round(cpu_s, 3),
+            "cpu_by_kind": None if cpu_by_kind is None else {k: round(v, 3) for k, v in cpu_by_kind.items()},
             "startup_s": None if t_first is None else round(t_first, 3),
             "e2e_img_s": round(rows / seconds, 1) if seconds > 0 else None,
             "after_first_img_s": round((rows - first_rows) / window, 1) if window > 0 and rows > first_rows else None}
@@ -165,13 +168,17 @@ def run_figures(*, rows: int, seconds: float, t_first: float | None, first_rows:
 
 def side_figures(*, small: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
     """A side's figures from its small and full :func:`run_figures`: the steady (marginal) rate, the marginal
-    CPU time per image (which a shared machine disturbs much less than wall-clock rates), ``fixed_s`` (what
-    the steady rate leaves of the full run's time) and the full run's ``startup_s`` and rates."""
+    CPU time per image (which a shared machine disturbs much less than wall-clock rates), in total and per
+    kind of process (``cpu_us_by_kind``, microseconds), ``fixed_s`` (what the steady rate leaves of the full
+    run's time) and the full run's ``startup_s`` and rates."""
     dn, dt = full["rows"] - small["rows"], full["seconds"] - small["seconds"]
     steady = dn / dt if dn > 0 and dt > 0 else None  # no rate rather than a negative one where noise wins
     dc = full["cpu_s"] - small["cpu_s"] if None not in (full.get("cpu_s"), small.get("cpu_s")) else None
+    kinds_small, kinds_full = small.get("cpu_by_kind") or {}, full.get("cpu_by_kind") or {}
+    by_kind = {k: round(1e6 * (kinds_full[k] - kinds_small.get(k, 0.0)) / dn, 1) for k in kinds_full} if dn > 0 else {}
     return {"steady_img_s": round(steady, 1) if steady else None,
             "cpu_ms_per_img": round(1000 * dc / dn, 4) if dc is not None and dc > 0 and dn > 0 else None,
+            "cpu_us_by_kind": by_kind,
             "startup_s": full["startup_s"],
             "fixed_s": round(full["seconds"] - full["rows"] / steady, 3) if steady else None,
             "e2e_img_s": full["e2e_img_s"], "after_first_img_s": full["after_first_img_s"],
@@ -206,6 +213,10 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
                                  for r in repeats]),
                ratios=ratios, ratios_e2e=ratios_e2e,
                ahead_small_max=max((r["ray"]["small"].get("ahead_frac") or 0.0 for r in repeats), default=0.0))
+    for side in ("plain", "ray"):
+        kinds = dict.fromkeys(k for r in repeats for k in r[side].get("cpu_us_by_kind") or {})
+        med[f"{side}_cpu_us_by_kind"] = {k: median([(r[side].get("cpu_us_by_kind") or {}).get(k) for r in repeats])
+                                         for k in kinds}
     by_stage: dict[str, list[float | None]] = {}
     for r in repeats:
         for s in r.get("stages") or []:
@@ -226,96 +237,14 @@ def record(*, cfg: dict[str, Any], argv: list[str], machine: dict[str, Any], ver
                          **{k: c["median"].get(k) for k in keys}} for c in cases]}
 
 
-# ----------------------------------------------------------------------------- the two sides
-
-
-class _HWCUint8:
-    """PIL image -> uint8 HWC tensor (what the pipeline's prepare stage hands the model)."""
-
-    def __call__(self, img):
-        import numpy as np
-        import torch
-
-        arr = np.array(img, dtype=np.uint8)
-        return torch.from_numpy(arr[..., None] if arr.ndim == 2 else arr)
-
-
-def plain_folder(*, root: str, model: str, weights: str | None, device: str, batch_size: int, kmax: int,
-                 workers: int) -> dict[str, Any]:
-    """The strong plain loop over an image folder (README, "Extraction speed"): ImageFolder decoding in a
-    DataLoader, the project's input path on the device, forward_features, head, ranked top-k, all to the host."""
-    import torch
-    import torchvision
-    import torchvision.transforms as T
-
-    from dtd_ray.core.counting import rank_topk
-    from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.models.runtime import Runtime
-    from dtd_ray.ray import procstats
-
-    t0, c0 = time.perf_counter(), procstats.cpu_seconds()
-    if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)  # as the pipeline's CPU actor (cpu_threads: the node's cores)
-    bb = get_backbone(model, weights=weights)
-    pre = bb.preprocessing
-    steps = [] if pre.resize is None else [
-        T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation), antialias=True),
-        T.CenterCrop(pre.size)]
-    ds = torchvision.datasets.ImageFolder(root, transform=T.Compose([*steps, _HWCUint8()]), is_valid_file=is_image)
-    it = iter(torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                                          pin_memory=device == "cuda"))
-    rt = Runtime(device=torch.device(device), precision="auto", mean=pre.mean, std=pre.std, channels_last=True)
-    bb = rt.prepare(bb.eval())  # the DataLoader's workers already decode meanwhile
-    n, t_first, first_rows = 0, None, 0
-    with torch.inference_mode():
-        for x, _ in it:
-            with rt.autocast():
-                f = bb.forward_features(rt.images(x)).float()
-            idx, val = rank_topk(f, min(kmax, bb.feature_dim))
-            _ = (bb.head(f).argmax(1).to(torch.int32).cpu(), idx.to(torch.int32).cpu(), val.cpu(), f.cpu())
-            n += len(x)
-            if t_first is None:
-                t_first, first_rows = time.perf_counter() - t0, len(x)
-    return run_figures(rows=n, seconds=time.perf_counter() - t0, t_first=t_first, first_rows=first_rows,
-                       cpu_s=procstats.cpu_seconds() - c0)
-
-
-def plain_proxy(*, spec: str, split: str, model: str, device: str, batch_size: int, kmax: int,
-                rows_per_file: int, out_dir: str) -> dict[str, Any]:
-    """The proxy's plain loop: prepare_batch, the FeatureExtractor callable and write_part (every
-    ``rows_per_file`` rows) one after the other in one process: the pipeline's work without Ray Data."""
-    import numpy as np
-
-    from dtd_ray.data.sources import parse_source
-    from dtd_ray.data.transforms import prepare_batch
-    from dtd_ray.io.records import write_part
-    from dtd_ray.models.backbones import get_backbone
-    from dtd_ray.models.extractor import FeatureExtractor
-    from dtd_ray.ray import procstats
-
-    t0, c0 = time.perf_counter(), procstats.cpu_seconds()
-    cols = parse_source(spec).read_numpy(split)
-    pre = get_backbone(model, weights=None).preprocessing
-    ext = FeatureExtractor(model=model, weights=None, kmax=kmax, use_gpu=device == "cuda",
-                           cpu_threads=os.cpu_count() or 1)
-    os.makedirs(out_dir, exist_ok=True)
-    n, t_first, first_rows, pending, total = 0, None, 0, [], len(cols["sample_id"])
-    for lo in range(0, total, batch_size):
-        pending.append(ext(prepare_batch({k: v[lo:lo + batch_size] for k, v in cols.items()}, preprocessing=pre)))
-        n += len(pending[-1]["sample_id"])
-        if t_first is None:
-            t_first, first_rows = time.perf_counter() - t0, n
-        if sum(len(p["sample_id"]) for p in pending) >= rows_per_file or lo + batch_size >= total:
-            write_part({k: np.concatenate([p[k] for p in pending]) for k in pending[0]}, staging_uri=out_dir)
-            pending = []
-    return run_figures(rows=n, seconds=time.perf_counter() - t0, t_first=t_first, first_rows=first_rows,
-                       cpu_s=procstats.cpu_seconds() - c0)
+# ----------------------------------------------------------------------------- the pipeline's side
 
 
 def ray_run(ecfg: Any, *, verbose: bool, model_stage: type | None = None) -> dict[str, Any]:
-    """``run_extract(ecfg)`` timed: :func:`run_figures` (first output: the model stage's first block) plus the
-    stage table, ``ahead_rows`` (rows the stage before the model had output by then), ``write_tail_s`` (the
-    model's last output to the last row read), the CPU per process kind and Ray Data's ``stats_text``."""
+    """``run_extract(ecfg)`` timed: :func:`run_figures` (first output: the model stage's first file written) plus
+    the stage table, ``ahead_rows`` (rows the decode stage had output by then; ``None`` where the model stage
+    prepares its rows itself), ``write_tail_s`` (the model stage's last output to the last row read), the CPU
+    per process kind and Ray Data's ``stats_text``."""
     from dtd_ray.ray import procstats
     from dtd_ray.ray.extract import run_extract
 
@@ -334,9 +263,11 @@ def ray_run(ecfg: Any, *, verbose: bool, model_stage: type | None = None) -> dic
     task_cpu = driver_cpu + sum(s["cpu_s"] for s in stages)
     out = run_figures(rows=summary["rows"], seconds=seconds, t_first=model.get("first_out_s"),
                       first_rows=model.get("first_out_rows", 0),
-                      cpu_s=task_cpu if tree.seconds is None else tree.seconds)
-    ahead = ops[i - 1].rows_done_by(ops[i].first_out_s) if i and ops[i].first_out_s is not None else None
-    out.update(task_cpu_s=round(task_cpu, 3), cpu_by_kind=tree.by_kind, pipeline_img_s=summary["images_per_s"],
+                      cpu_s=task_cpu if tree.seconds is None else tree.seconds, cpu_by_kind=tree.by_kind or None)
+    # Rows decoded ahead: only where decoding is a stage of its own (decoded arrays are prepared in the model stage).
+    decoding = i is not None and i > 0 and ops[i - 1].stage == "prepare" and ops[i].first_out_s is not None
+    ahead = ops[i - 1].rows_done_by(ops[i].first_out_s) if decoding else None
+    out.update(task_cpu_s=round(task_cpu, 3), pipeline_img_s=summary["images_per_s"],
                ahead_rows=ahead,
                ahead_frac=round(ahead / summary["rows"], 3) if ahead is not None and summary["rows"] else None,
                write_tail_s=round(st.ended_s - t0 - model["last_out_s"], 3) if model.get("last_out_s") else None,
@@ -348,8 +279,9 @@ def ray_run(ecfg: Any, *, verbose: bool, model_stage: type | None = None) -> dic
 
 
 # The pipeline's stages as the figures name them: the functions build_pipeline maps by default, so that a
-# model stage of another class (the proxy's FeatureExtractor subclass) keeps the model stage's name.
-STAGE_LABELS = {"prepare": "prepare_batch", "model": "FeatureExtractor", "write": "write_part"}
+# model stage of another class (the proxy's FeatureExtractor subclass) keeps the model stage's name. The
+# model stage also writes the records (dtd_ray.models.extractor.writing_stage).
+STAGE_LABELS = {"prepare": "prepare_batch", "model": "FeatureExtractor"}
 
 
 def stage_table(operators: Sequence[OperatorStats], *, t0: float) -> list[dict[str, Any]]:
@@ -416,6 +348,17 @@ def side_line(tag: str, s: dict[str, Any]) -> str:
             f"CPU {fmt(s['cpu_ms_per_img'], '.2f')} ms/img")
 
 
+def kinds_line(rep: dict[str, Any]) -> str:
+    """Both sides' marginal CPU per image by kind of process (:func:`side_figures`' ``cpu_us_by_kind``) as one
+    line: ``plain main 12.0, loader 0.0; ray driver 4.1, worker 17.4, …`` (kinds that took none left out)."""
+    parts = []
+    for side in ("plain", "ray"):
+        kinds = rep[side].get("cpu_us_by_kind") or {}
+        shown = [f"{k} {fmt(v, '.1f')}" for k, v in kinds.items() if v is None or v > 0 or k in ("main", "driver")]
+        parts.append(f"{side} {', '.join(shown) or '-'}")
+    return "; ".join(parts)
+
+
 def stage_lines(stages: list[dict[str, Any]]) -> list[str]:
     """:func:`stage_table` as a table: a header and one line per stage."""
     out = [f"{'stage':<18}{'rows':>8}{'tasks':>7}{'1st out s':>11}{'span s':>9}{'rows/s':>10}{'busy s':>9}{'cpu s':>8}"]
@@ -426,9 +369,9 @@ def stage_lines(stages: list[dict[str, Any]]) -> list[str]:
 
 def summary_lines(summary: list[dict[str, Any]]) -> list[str]:
     """The summary of :func:`record` as a table: a header and one line per case."""
-    out = [f"{'mode':<6}{'model':<16}{'images':>8}{'plain img/s':>13}{'ray img/s':>11}{'ratio':>7}{'e2e':>6}{'cpu':>6}"
+    out = [f"{'mode':<9}{'model':<16}{'images':>8}{'plain img/s':>13}{'ray img/s':>11}{'ratio':>7}{'e2e':>6}{'cpu':>6}"
            f"{'first row plain/ray s':>23}"]
-    out += [f"{s['mode']:<6}{s['model']:<16}{s['images']:>8}{fmt(s['plain_steady_img_s']):>13}"
+    out += [f"{s['mode']:<9}{s['model']:<16}{s['images']:>8}{fmt(s['plain_steady_img_s']):>13}"
             f"{fmt(s['ray_steady_img_s']):>11}{fmt(s['ratio'], '.2f'):>7}{fmt(s['ratio_e2e'], '.2f'):>6}"
             f"{fmt(s['cpu_ratio'], '.2f'):>6}{fmt(s['plain_startup_s'], '.1f'):>14} / {fmt(s['ray_startup_s'], '.1f')}"
             for s in summary]

@@ -2,9 +2,10 @@
 
 Pipeline per (model, split) partition, built in :func:`build_pipeline`::
 
-    source rows ─► prepare_batch (CPU tasks: decode, convert, resize/crop, augment)
-                ─► FeatureExtractor (actor pool; GPU with fp16 autocast + channels_last when the cluster has GPUs)
-                ─► write_part (CPU tasks: one Parquet file per batch into a staging folder, returns a summary)
+    source rows ─► prepare_batch (CPU tasks: decode, convert, resize/crop, augment; not for decoded arrays
+                   at the model's size, whose copy the model stage does)
+                ─► FeatureExtractor (actor pool; GPU with fp16 autocast + channels_last when the cluster has GPUs):
+                   a call runs the model on one file's rows and writes the file into a staging folder
 
 The driver commits a partition only after every row is accounted for (written or
 skipped): it moves the files its summaries name out of the staging folder and writes
@@ -14,9 +15,8 @@ fails (bad input with ``on_bad_input="fail"``, a write that fails) raises one li
 partition and the cause (``ValueError`` / :class:`ExtractionError`), removes the staging
 folder and releases the model actors at once, so the next extraction in the driver can run.
 
-For a benchmark (``jobs/bench_extract.py``), :func:`run_extract` takes another class for the
-model stage (``model_stage``) and hands each written partition's per-operator block times to
-a callback (``on_stats``: :class:`PartitionStats`).
+For a benchmark (``jobs/bench_extract.py``), :func:`run_extract` takes another class for the model stage
+(``model_stage``) and hands each partition's per-operator block times to ``on_stats`` (:class:`PartitionStats`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dtd_ray.data.transforms import prepare_batch
 from dtd_ray.io import records, schema, storage
 from dtd_ray.models import factories
 from dtd_ray.models.backbones import get_backbone
-from dtd_ray.models.extractor import FeatureExtractor
+from dtd_ray.models.extractor import FeatureExtractor, writing_stage
 from dtd_ray.models.linear_head import stored_head
 from dtd_ray.models.runtime import check_precision
 from dtd_ray.ray import cluster
@@ -70,22 +70,23 @@ class ExtractConfig:
     batch_size: Annotated[int, Field(description="images per model batch (use 1024+ on a GPU)")] = 256
     num_actors: Annotated[int | None, Field(description="model actors (None: one per GPU, else one per node)")] = None
     use_gpu: Annotated[bool | None, Field(description="None: decided on the driver from the cluster's resources")] = None
-    cpu_threads: Annotated[int | None, Field(description="torch threads per CPU actor (None: this node's cores)")] = None
+    cpu_threads: Annotated[int | None, Field(description="torch threads of each call of a model actor (None: the node's cores on a CPU node, 1 with a GPU)")] = None
     precision: Annotated[str, Field(description="\"auto\" (fp16 autocast on GPU, fp32 on CPU), \"fp32\", \"tf32\" (GPU), \"bf16\" or \"fp16\"")] = "auto"
     channels_last: Annotated[bool, Field(description="NHWC memory format on GPU (measured faster for convs there)")] = True
     augment: Annotated[str | None, Field(description="\"cifar\": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>")] = None
     seed: Annotated[int, Field(description="seed of the augmentation (per instance: (seed, sample_id))")] = 0
     on_bad_input: Annotated[str, Field(description="\"skip\": count undecodable / wrong-size images in the manifest; \"fail\": stop at the first")] = "skip"
     max_rows: Annotated[dict[str, int] | None, Field(description="split -> extract at most this many of its rows: a seeded random subset (--seed), e.g. {train: 20000}")] = None
-    rows_per_file: Annotated[int, Field(description="rows per Parquet file (also the granularity of the progress lines); small enough that writing overlaps the model")] = 4096
+    rows_per_file: Annotated[int | None, Field(description="rows per Parquet file, at least batch_size: one model-actor call runs the model on them and writes them (also the granularity of the progress lines); None: 4096 with GPU actors, 1024 on the CPU (a CPU model is far slower: about a second a call)")] = None
+    actor_calls: Annotated[int, Field(description="calls a model actor runs at once, in threads: one call's write overlaps the next one's model")] = 2
     overwrite: Annotated[bool, Field(description="recompute partitions even when finished with the same config")] = False
     verbose: Annotated[bool, Field(description="show Ray's and Tune's own INFO output")] = False
 
     def __post_init__(self) -> None:
         if self.kmax < 1:
             raise ValueError(f"kmax must be >= 1, got {self.kmax}")
-        if self.batch_size < 1 or self.rows_per_file < 1:
-            raise ValueError("batch_size and rows_per_file must be >= 1")
+        if self.batch_size < 1 or (self.rows_per_file is not None and self.rows_per_file < 1) or self.actor_calls < 1:
+            raise ValueError("batch_size, rows_per_file and actor_calls must be >= 1")
         check_precision(self.precision)
         if self.on_bad_input not in ("skip", "fail"):
             raise ValueError(f"on_bad_input must be 'skip' or 'fail', got {self.on_bad_input!r}")
@@ -112,6 +113,9 @@ class ExtractConfig:
         return subset_positions(num_rows=source.num_rows(split), max_rows=cap, seed=self.seed)
 
 
+# Rows per file (and model-stage call) without rows_per_file: a fraction of a second on a GPU, about one on a CPU.
+GPU_ROWS_PER_FILE, CPU_ROWS_PER_FILE = 4096, 1024
+
 # Fields that change what a partition holds; the others (resources, batch sizes, paths) do not.
 _CONTENT_FIELDS = ("model", "weights", "normalization", "dataset", "kmax", "augment", "seed")
 
@@ -127,7 +131,9 @@ class Resources:
     num_actors: int
     actor_cpus: float
     prepare_cpus: float
-    cpu_threads: int
+    cpu_threads: int  # torch threads of each of an actor's concurrent calls
+    rows_per_file: int  # rows of one model-stage call and of the file it writes
+    cpus: float  # the cluster's, for the decode blocks' count
 
 
 def plan_resources(cfg: ExtractConfig) -> Resources:
@@ -139,12 +145,14 @@ def plan_resources(cfg: ExtractConfig) -> Resources:
     cpus_per_node = info.cpus_per_node
     if use_gpu:
         num_actors = cfg.num_actors or gpus
-        return Resources(True, num_actors, 1.0, 1.0, cfg.cpu_threads or 1)
+        return Resources(True, num_actors, 1.0, 1.0, cfg.cpu_threads or 1,
+                         max(cfg.rows_per_file or GPU_ROWS_PER_FILE, cfg.batch_size), info.cpus)
     num_actors = cfg.num_actors or info.nodes
-    # A CPU actor takes one logical CPU but runs torch on all the node's cores: the convs are
-    # where the time goes, and decoding 32-px PNGs is cheap. Prepare tasks get fractional CPUs so
-    # that they are never starved by the actors (on 2 cores, whole-CPU actors can deadlock reads).
-    return Resources(False, num_actors, 1.0 if cpus_per_node > 1 else 0.5, 0.5, cfg.cpu_threads or cpus_per_node)
+    # A CPU actor takes one logical CPU but runs torch on all the node's cores in each call: the convs are where
+    # the time goes (the other call mostly writes or waits). Prepare tasks get fractional CPUs so that they are
+    # never starved by the actors (on 2 cores, whole-CPU actors can deadlock reads).
+    return Resources(False, num_actors, 1.0 if cpus_per_node > 1 else 0.5, 0.5, cfg.cpu_threads or cpus_per_node,
+                     max(cfg.rows_per_file or CPU_ROWS_PER_FILE, cfg.batch_size), info.cpus)
 
 
 def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Resources, source=None,
@@ -159,19 +167,30 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
     """
     source = source or parse_source(cfg.dataset)
     pre = preprocessing or cfg.backbone().preprocessing
-    ds = to_ray_dataset(source, split, read_cpus=res.prepare_cpus, rows=cfg.rows_of(source, split))
-    ds = ds.map_batches(
-        prepare_batch,
-        fn_kwargs={"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input},
-        batch_format="numpy",
-        # One decode task per source block (512 paths, or ~4 MiB of arrays), whatever the model's batch:
-        # the decode rate must not depend on it (a 1,024-image model batch made Ray Data bundle two
-        # blocks per task, half as many tasks to spread over the cores); the model stage re-batches.
-        batch_size=None,
-        num_cpus=res.prepare_cpus,
-    )
-    ds = ds.map_batches(
-        model_stage or FeatureExtractor,
+    prepare = {"preprocessing": pre, "augment": cfg.augment, "seed": cfg.seed, "on_bad_input": cfg.on_bad_input}
+    # Decoded arrays at the model's size need only a vectorised copy: the model stage does it, saving a trip of
+    # every block through the object store. Files, bytes, resizes and augmentation are per-image: decode tasks.
+    inline = source.decoded and pre.resize is None and cfg.augment is None
+    # Blocks hold whole calls of the model stage (no call cut short at a block's end; datasets.whole_calls).
+    ds = to_ray_dataset(source, split, read_cpus=res.prepare_cpus, rows=cfg.rows_of(source, split),
+                        rows_multiple=res.rows_per_file, decoded_bytes=pre.size ** 2 * pre.channels, cpus=res.cpus)
+    if not inline:
+        ds = ds.map_batches(
+            prepare_batch,
+            fn_kwargs=prepare,
+            batch_format="numpy",
+            # One decode task per source block (512 to 2,048 paths, or a few MiB of arrays), whatever the
+            # model's batch: the decode rate must not depend on it (a 1,024-image model batch made Ray Data bundle
+            # two blocks per task, half as many tasks to spread over the cores); the model stage re-batches.
+            batch_size=None,
+            num_cpus=res.prepare_cpus,
+        )
+    # Ray Data reserves half of the cluster's resources evenly among the operators: beside a model actor holding
+    # a whole CPU, the decode operator ran about one task at a time where the cores had room for two (bench_extract's
+    # pngproxy). Without it the fixed-size actor pool takes its CPUs or GPUs at the start; decode tasks fill the rest.
+    ds.context.op_resource_reservation_enabled = False
+    return ds.map_batches(
+        writing_stage(model_stage or FeatureExtractor),
         fn_constructor_kwargs={
             "model": cfg.model,
             "weights": cfg.weights,
@@ -183,22 +202,20 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
             "precision": cfg.precision,
             "channels_last": cfg.channels_last,
             "cpu_threads": res.cpu_threads,
+            "staging_uri": staging_uri,
+            "model_batch": cfg.batch_size,
+            "prepare": prepare if inline else None,
         },
-        # Ray Data's default max_restarts=-1 stays: a killed model actor is restarted and its batch
-        # retried. (With it, Ray's core worker logs an ERROR about the references Ray Data itself passes
-        # to the actor's constructor; dtd_ray.ray.session keeps that off the console.)
-        compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+        # Ray Data's default max_restarts=-1 stays: a killed model actor is restarted and its batch retried.
+        # (With it, Ray's core worker logs an ERROR about the references Ray Data itself passes to the actor's
+        # constructor; dtd_ray.ray.session keeps that off the console.) Concurrent calls run in the actor's
+        # threads: torch and Parquet's encoder release the GIL, so one call's write overlaps another's model.
+        compute=ray.data.ActorPoolStrategy(size=res.num_actors, max_concurrent_calls_per_actor=cfg.actor_calls,
+                                           enable_true_multi_threading=cfg.actor_calls > 1),
         num_gpus=1 if res.use_gpu else 0,
         num_cpus=res.actor_cpus,
-        batch_size=cfg.batch_size,
+        batch_size=res.rows_per_file,
         batch_format="numpy",
-    )
-    return ds.map_batches(
-        records.write_part,
-        fn_kwargs={"staging_uri": staging_uri},
-        batch_size=cfg.rows_per_file,
-        batch_format="numpy",
-        num_cpus=0.25,
     )
 
 

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass
 
 from dtd_ray.data.transforms import prepare_batch
-from dtd_ray.io import records
 
 # Which stage of build_pipeline an operator runs, by the function it maps (Ray Data names an operator
-# after it: "MapBatches(prepare_batch)"; one it fused from several, "A->B").
-_STAGE_OF = {prepare_batch.__name__: "prepare", records.write_part.__name__: "write"}
+# after it: "MapBatches(prepare_batch)"; one it fused from several, "A->B"); the model stage, which also
+# writes the records, by its class (partition_stats' model_stage).
+_STAGE_OF = {prepare_batch.__name__: "prepare"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BlockTiming:
 @dataclass(frozen=True)
 class OperatorStats:
     """One operator of an executed pipeline: Ray Data's ``name``, its ``stage`` in
-    :func:`build_pipeline` ("read", "prepare", "model" or "write"; joined with "+" where Ray fused
+    :func:`build_pipeline` ("read", "prepare" or "model"; joined with "+" where Ray fused
     operators of several) and its output blocks."""
 
     name: str

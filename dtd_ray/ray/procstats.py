@@ -29,8 +29,14 @@ KINDS = ("driver", "worker", "raylet", "gcs", "daemon", "other")
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and of its finished, waited-for children (a
     DataLoader's workers once they are joined)."""
+    return sum(cpu_split())
+
+
+def cpu_split() -> tuple[float, float]:
+    """``(own, children)``: user + system CPU seconds of this process, and of its finished, waited-for
+    children."""
     t = psutil.Process().cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system, t.children_user + t.children_system
 
 
 def process_kind(proc: psutil.Process, *, root: int) -> str:
