@@ -143,7 +143,6 @@ def plain_pngproxy(*, root: str, model: str, device: str, batch_size: int, kmax:
     it = _folder_loader(root=root, preprocessing=pre, batch_size=batch_size, workers=workers, pin=device == "cuda")
     ext = FeatureExtractor(model=model, weights=None, kmax=kmax, use_gpu=device == "cuda",
                            cpu_threads=os.cpu_count() or 1)
-    torch.set_num_threads(os.cpu_count() or 1)
 
     def batches():
         start = 0
