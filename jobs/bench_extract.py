@@ -43,13 +43,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @config_lib.config_class
 class BenchConfig:
-    data: Annotated[str, Field(description="folder with cifar10/<split>/<class>/*.png and cifar_resnets/*.th (png, jpeg modes)")] = "../shared/data"
+    data: Annotated[str, Field(description="folder with cifar10/<split>/<class>/*.png and cifar_resnets/*.th (png, jpeg, pngproxy modes)")] = "../shared/data"
     modes: Annotated[tuple[str, ...], Field(description="benchmarks to run: png, jpeg, proxy, pngproxy")] = ("png", "proxy", "pngproxy")
     models: Annotated[tuple[str, ...], Field(description="png mode's models (cifar_resnet20/32/44/56)")] = ("cifar_resnet20",)
     device: Annotated[str, Field(description="auto (CUDA where torch sees it), cpu or cuda (without CUDA: a one-line error, exit 2)")] = "auto"
     repeats: Annotated[int, Field(description="repeats of each case (each: both sides, a small and a full run; medians are reported)")] = 3
     split: Annotated[str, Field(description="split of <data>/cifar10 to read")] = "test"
-    images: Annotated[int | None, Field(description="this many of the split's images, evenly over the classes, before replicas (None, 0: all; png, jpeg and pngproxy modes)")] = None
+    images: Annotated[int, Field(description="this many of the split's images, evenly over the classes, before replicas (0: all; png, jpeg and pngproxy modes)")] = 0
     replicas: Annotated[int, Field(description="png and jpeg modes: every image hard-linked this many times into a temporary folder")] = 1
     batch_size: Annotated[int | None, Field(description="None: 1024 for the proxies; png 1024 on CUDA, 256 on the CPU; jpeg 256")] = None
     kmax: Annotated[int, Field(description="ranked top-k per instance, both sides")] = 64
@@ -184,15 +184,15 @@ def run_case(*, mode: str, model: str, cfg: BenchConfig, device: str, sizes: dic
                 return bm.ray_run(ecfg, verbose=cfg.verbose, model_stage=TinyExtractor if mode in PROXIES else None)
             if mode == "proxy":
                 return plain_loops.plain_proxy(spec=size["source"], split=size["split"], model=TINY, device=device,
-                                      batch_size=batch_size, kmax=cfg.kmax, rows_per_file=GPU_ROWS_PER_FILE,
-                                      out_dir=os.path.join(out_dir, "plain"))
+                                               batch_size=batch_size, kmax=cfg.kmax, rows_per_file=GPU_ROWS_PER_FILE,
+                                               out_dir=os.path.join(out_dir, "plain"))
             root = os.path.join(size["root"], size["split"])
             if mode == "pngproxy":
                 return plain_loops.plain_pngproxy(root=root, model=TINY_RGB, device=device, batch_size=batch_size,
-                                         kmax=cfg.kmax, workers=workers, rows_per_file=GPU_ROWS_PER_FILE,
-                                         out_dir=os.path.join(out_dir, "plain"))
-            return plain_loops.plain_folder(root=root, model=model, weights=weights, device=device, batch_size=batch_size,
-                                   kmax=cfg.kmax, workers=workers)
+                                                  kmax=cfg.kmax, workers=workers, rows_per_file=GPU_ROWS_PER_FILE,
+                                                  out_dir=os.path.join(out_dir, "plain"))
+            return plain_loops.plain_folder(root=root, model=model, weights=weights, device=device,
+                                            batch_size=batch_size, kmax=cfg.kmax, workers=workers)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -283,7 +283,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     # Inputs are checked before Ray starts: a missing folder is one line, not a stack of Ray output.
     items = []
     if {"png", "jpeg", "pngproxy"} & set(cfg.modes):
-        n = cfg.images or 0
+        n = cfg.images
         items = bm.pick_evenly(bm.list_images(root=os.path.join(cfg.data, "cifar10", cfg.split)), n=n)
     for m in cfg.models if "png" in cfg.modes else ():
         if not os.path.isfile(os.path.join(cfg.data, "cifar_resnets", CKPT[m])):

@@ -196,6 +196,20 @@ def fe_tasks_by_node(cl, *, since_ms: int = 0) -> dict[str, int]:
     return counts
 
 
+def settled_fe_tasks_by_node(cl, *, since_ms: int, timeout: float = 15.0) -> dict[str, int]:
+    """:func:`fe_tasks_by_node` once the state API has caught up: task events reach it about a second late,
+    and the model stage is the pipeline's last, so its last task may end with the run. Read until every
+    FeatureExtractor task listed is finished and two reads a second apart agree (at most ``timeout``)."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        pending = [t for t in fe_tasks(cl, since_ms=since_ms) if t.state != "FINISHED"]
+        now = fe_tasks_by_node(cl, since_ms=since_ms)
+        if (not pending and now == last) or time.monotonic() > deadline:
+            return now
+        last = now
+        time.sleep(1.0)
+
+
 @pytest.fixture(scope="module")
 def clean(cluster, mn_data, tmp_path_factory):
     """A clean multi-node run: its records, manifest, and the nodes its FeatureExtractor tasks ran on."""
@@ -206,7 +220,7 @@ def clean(cluster, mn_data, tmp_path_factory):
     seconds = time.perf_counter() - t0
     rec = records.load_records(str(out / "records"), model=TAG, split="test")
     return SimpleNamespace(out=out, summary=summary, rec=rec, seconds=seconds,
-                           nodes=fe_tasks_by_node(cluster, since_ms=t0_ms))
+                           nodes=settled_fe_tasks_by_node(cluster, since_ms=t0_ms))
 
 
 def run(cfg):

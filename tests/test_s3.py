@@ -52,7 +52,7 @@ import yaml
 from conftest import CIFAR10_DIR, CIFAR_RESNETS_DIR
 from dtd_ray.io import records, schema
 from s3_server import S3Server
-from test_reliability import (N_IMAGES, TAG, Fault, fe_tasks, fe_tasks_by_node, mn_config, mn_data,
+from test_reliability import (N_IMAGES, TAG, Fault, fe_tasks, mn_config, mn_data, settled_fe_tasks_by_node,
                               three_node_cluster, wait_for_no_fe_processes, write_checkpoint, write_imagefolder)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def test_sweep_on_s3_matches_the_same_sweep_on_local_folders(swept, s3, s3_clust
     # the cluster's workers read the images from the bucket and wrote the records to it (that they do so
     # from >= 2 nodes at once: test_multinode_extraction_writes_records_to_s3_from_several_nodes)
     alive = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}
-    nodes = fe_tasks_by_node(s3_cluster, since_ms=swept.since_ms)
+    nodes = settled_fe_tasks_by_node(s3_cluster, since_ms=swept.since_ms)
     assert nodes and set(nodes) <= alive and sum(nodes.values()) >= 2  # one task per split at least
     # the report, written to the bucket
     keys = s3.keys(BUCKET, "run/")
@@ -522,7 +522,7 @@ def s3_clean(s3_cluster, mn_data):
     uri = f"s3://{BUCKET}/mn/clean"
     summary = run_extract(mn_config(mn_data, uri, shared_fs=False))
     rec = records.load_records(f"{uri}/records", model=TAG, split="test")
-    return SimpleNamespace(uri=uri, summary=summary, rec=rec, nodes=fe_tasks_by_node(s3_cluster, since_ms=t0_ms))
+    return SimpleNamespace(uri=uri, summary=summary, rec=rec, nodes=settled_fe_tasks_by_node(s3_cluster, since_ms=t0_ms))
 
 
 def check_same_as_clean_s3(s3, uri: str, clean) -> None:

@@ -57,11 +57,10 @@ def records_to_table(arrays: dict[str, np.ndarray]) -> pa.Table:
 def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, np.ndarray]:
     """Write the ok rows of one batch to a new Parquet file under ``staging_uri``; return its summary.
 
-    The write stage of the extraction pipeline (:mod:`dtd_ray.ray.extract`). The summary (one
-    row) names the file and carries the skipped rows' ids and reasons, so the driver can account
-    for every input row without reading the data back. It lives here, not beside the pipeline,
-    so that a fresh write worker imports pyarrow and this module only, not torch and Ray Data
-    (several times the import time).
+    The write of the extraction pipeline, done at the end of each call of its model stage
+    (:func:`dtd_ray.models.extractor.writing_stage`). The summary (one row) names the file and
+    carries the skipped rows' ids and reasons, so the driver can account for every input row
+    without reading the data back.
     """
     ok = np.asarray(batch["ok"], dtype=bool)
     rows = {name: np.asarray(batch[name])[ok] for name in schema.RECORDS_SCHEMA.names}

@@ -6,5 +6,5 @@ strict checkpoint fit), ``factories`` (a user's own network: ``module:callable``
 ``timm:<name>``), ``checkpoints`` (fetch from a file, a URL or the object store, sha256, safe
 unpickling), ``cifar_resnet`` and ``cifar_zoo`` (the project's CIFAR architectures), ``runtime``
 (the one device rule, precision policy and input normalisation), ``extractor`` (the
-batch-inference callable), ``linear_head`` (the (W, b) stored beside the records).
+batch-inference callable and the pipeline's model stage, which writes its records), ``linear_head`` (the (W, b) stored beside the records).
 """

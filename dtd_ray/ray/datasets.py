@@ -35,10 +35,11 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
     """The rows of ``split`` (only those at the sorted positions ``rows``, where given) as a Ray
     Dataset with the same columns as ``read_numpy``.
 
-    The driver cuts the columns into ``override_num_blocks`` contiguous blocks of
-    about equal size (default: for image folders :func:`folder_block_rows` of the bytes of one
-    decoded image, ``decoded_bytes``, and the cluster's ``cpus``; for array sources about 4 MiB of
-    pixels; either in whole calls of ``rows_multiple`` rows, :func:`whole_calls`) and puts each block in the object store once (``ray.data.from_arrow``), so
+    The driver cuts the columns into ``override_num_blocks`` contiguous blocks of about equal
+    size, or by default into blocks of :func:`folder_block_rows` rows for image folders (from the
+    bytes of one decoded image, ``decoded_bytes``, and the cluster's ``cpus``) and of about 8 MiB
+    of pixels for array sources, either in whole calls of ``rows_multiple`` rows
+    (:func:`whole_calls`); it puts each block in the object store once (``ray.data.from_arrow``), so
     a task receives only its own block, never the whole array. Images become a
     fixed-shape tensor column. The result is already materialised: iterating it
     again (another epoch, another model) re-reads nothing from storage.
