@@ -54,6 +54,13 @@ def records_to_table(arrays: dict[str, np.ndarray]) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema.RECORDS_SCHEMA)
 
 
+def concat_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches of records (the same columns each) as one, rows in order; a single batch as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
 def write_part(batch: dict[str, np.ndarray], *, staging_uri: str) -> dict[str, np.ndarray]:
     """Write the ok rows of one batch to a new Parquet file under ``staging_uri``; return its summary.
 

@@ -117,8 +117,7 @@ def writing_stage(model_stage: type) -> type:
                 batch = prepare_batch(batch, **self.prepare)
             n, b = len(batch[schema.SAMPLE_ID]), self.model_batch
             outs = [super(Stage, self).__call__({k: v[lo:lo + b] for k, v in batch.items()}) for lo in range(0, n, b)]
-            rec = outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-            return records.write_part(rec, staging_uri=self.staging_uri)
+            return records.write_part(records.concat_records(outs), staging_uri=self.staging_uri)
 
     Stage.__name__ = Stage.__qualname__ = model_stage.__name__
     Stage.__doc__ = f"{model_stage.__name__} with its records written (:func:`writing_stage`)."

@@ -85,9 +85,7 @@ def _cpu_since(c0: tuple[float, float]) -> dict[str, Any]:
 def _records_loop(batches, *, ext: Any, rows_per_file: int, out_dir: str, t0: float) -> tuple[int, float | None, int]:
     """The plain loops' model and writes: ``ext`` (the FeatureExtractor callable) on every batch and
     ``write_part`` every ``rows_per_file`` rows, in this process; ``(rows, first output s, its rows)``."""
-    import numpy as np
-
-    from dtd_ray.io.records import write_part
+    from dtd_ray.io.records import concat_records, write_part
 
     os.makedirs(out_dir, exist_ok=True)
     n, t_first, first_rows, pending, held = 0, None, 0, [], 0
@@ -97,10 +95,10 @@ def _records_loop(batches, *, ext: Any, rows_per_file: int, out_dir: str, t0: fl
         if t_first is None:
             t_first, first_rows = time.perf_counter() - t0, n
         if held >= rows_per_file:
-            write_part({k: np.concatenate([p[k] for p in pending]) for k in pending[0]}, staging_uri=out_dir)
+            write_part(concat_records(pending), staging_uri=out_dir)
             pending, held = [], 0
     if pending:
-        write_part({k: np.concatenate([p[k] for p in pending]) for k in pending[0]}, staging_uri=out_dir)
+        write_part(concat_records(pending), staging_uri=out_dir)
     return n, t_first, first_rows
 
 
