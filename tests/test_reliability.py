@@ -301,13 +301,20 @@ class Fault(threading.Thread):
         self.since_ms = int(time.time() * 1000)
         self.finished_before_fault = None
         self.error: BaseException | None = None
+        self._ended = threading.Event()
+
+    def end(self, timeout: float = 10) -> None:
+        """The run has returned: stop looking (an error says what was seen) and wait for the thread."""
+        self._ended.set()
+        self.join(timeout)
+        assert not self.is_alive(), "the fault thread did not stop"
 
     def run(self) -> None:
         try:
             deadline = time.monotonic() + self.timeout
             seen = {"polls": 0, "actor_processes": 0}
             while True:
-                if time.monotonic() > deadline or (self.part / schema.MANIFEST_NAME).exists():
+                if time.monotonic() > deadline or self._ended.is_set() or (self.part / schema.MANIFEST_NAME).exists():
                     raise AssertionError(f"no fault injected: the run ended (or timed out) first; seen {seen}")
                 seen["polls"] += 1
                 procs = fe_processes(self.cl)
@@ -355,7 +362,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, clean, mn_da
     fault = Fault(cluster, partition_dir(out), kill_actor)
     fault.start()
     summary = run(mn_config(mn_data, out))
-    fault.join(10)
+    fault.end()
     assert fault.error is None, fault.error
     assert fault.finished_before_fault is False  # killed mid-run
     assert summary["rows"] == N_IMAGES and summary["skipped"] == 0
@@ -387,7 +394,7 @@ def test_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, clean
     fault.start()
     try:
         summary = run(mn_config(mn_data, out))
-        fault.join(30)
+        fault.end(30)
         assert fault.error is None, fault.error
         assert fault.finished_before_fault is False  # removed mid-run
         assert removed["node_id"] not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -163,13 +164,29 @@ def _flaky(trainable, *, fail_after_epoch: int, flag: str):
     return run
 
 
-def _tuner(trainable, *, param_space, tmp_path, name, max_failures=0):
+def _reported(rows: list):
+    """A Tune callback that appends every result the driver receives to ``rows``, as the sweep's row writer does.
+
+    The tests read results here, not from ``Result.metrics_dataframe``: that reads the trial's
+    ``progress.csv``, which Ray's CSV logger replaces on a restart with the copy last synced to
+    ``storage_path`` (synced at most every 10 s), so the rows of the epochs just before a failure can
+    vanish from it while the trial itself resumed correctly."""
+    from ray import tune
+
+    class Reported(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            rows.append(dict(result))
+
+    return Reported()
+
+
+def _tuner(trainable, *, param_space, tmp_path, name, max_failures=0, callbacks=()):
     from ray import tune
 
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
         param_space=param_space,
-        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name=name, verbose=0,
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name=name, verbose=0, callbacks=list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
 
@@ -185,10 +202,12 @@ def test_head_trainable_reports_checkpoints_and_resumes(ray_local, toy, tmp_path
              "epochs": 4, "lr": 5e-2, "batch_size": 64, "strategy": "a label the trainable ignores"}
     # records + head file read inside the trial; it fails once after epoch 2 and Tune restarts it
     flaky = _flaky(trainables.head_trainable, fail_after_epoch=2, flag=str(tmp_path / "failed_once"))
-    grid = _tuner(flaky, param_space=space, tmp_path=tmp_path, name="head", max_failures=1).fit()
+    rows = []
+    grid = _tuner(flaky, param_space=space, tmp_path=tmp_path, name="head", max_failures=1,
+                  callbacks=[_reported(rows)]).fit()
     assert not grid.errors and (tmp_path / "failed_once").exists()
     res = grid[0]
-    df = res.metrics_dataframe
+    df = pd.DataFrame(rows)
     assert df["epoch"].tolist() == [1, 2, 3, 4]  # epochs 1-2 not redone after the restart
     assert df["resumed_from_epoch"].tolist() == [0, 0, 2, 2]
     assert {"acc_eval", "loss", "seconds", "acc_decomposed_init", "acc_full", "k2"} <= set(df.columns)
@@ -322,10 +341,12 @@ def test_finetune_trainable_one_epoch_end_to_end_and_resume(ray_local, tiny, tmp
              "idx": idx, "epochs": 2, "lr": 1e-3, "batch_size": 8, "max_train_rows": 16, "max_eval_rows": 12,
              "cpu_threads": 1}
     flaky = _flaky(trainables.finetune_trainable, fail_after_epoch=1, flag=str(tmp_path / "failed_once"))
-    grid = _tuner(flaky, param_space=space, tmp_path=tmp_path, name="finetune", max_failures=1).fit()
+    rows = []
+    grid = _tuner(flaky, param_space=space, tmp_path=tmp_path, name="finetune", max_failures=1,
+                  callbacks=[_reported(rows)]).fit()
     assert not grid.errors and (tmp_path / "failed_once").exists()
     res = grid[0]
-    df = res.metrics_dataframe
+    df = pd.DataFrame(rows)
     assert df["epoch"].tolist() == [1, 2] and df["resumed_from_epoch"].tolist() == [0, 1]
     assert (df["n_train"] == 16).all() and (df["n_eval"] == 12).all() and (df["device"] == "cpu").all()
     assert {"acc_eval", "loss", "seconds", "acc_decomposed_init", "acc_full"} <= set(df.columns)

@@ -557,10 +557,10 @@ def test_actor_killed_mid_run_with_output_on_s3(s3_cluster, s3_clean, s3, mn_dat
         os.kill(proc.pid, signal.SIGKILL)
 
     wait_for_no_fe_processes(s3_cluster)
-    fault = Fault(s3_cluster, tmp_path / "never", kill_actor)  # the run's end is seen by the join below
+    fault = Fault(s3_cluster, tmp_path / "never", kill_actor)  # the run's end: fault.end() below
     fault.start()
     summary = run_extract(mn_config(mn_data, uri, shared_fs=False))
-    fault.join(10)
+    fault.end()
     assert fault.error is None and fault.finished_before_fault is False, fault.error
     assert summary["rows"] == N_IMAGES and summary["skipped"] == 0
     check_same_as_clean_s3(s3, uri, s3_clean)
@@ -587,7 +587,7 @@ def test_worker_node_removed_mid_run_with_output_on_s3(s3_cluster, s3_clean, s3,
     fault.start()
     try:
         summary = run_extract(mn_config(mn_data, uri, shared_fs=False))
-        fault.join(30)
+        fault.end(30)
         assert fault.error is None and fault.finished_before_fault is False, fault.error
         assert removed["node_id"] not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert summary["rows"] == N_IMAGES and summary["skipped"] == 0
