@@ -70,7 +70,7 @@ class ExtractConfig:
     batch_size: Annotated[int, Field(description="images per model batch (use 1024+ on a GPU)")] = 256
     num_actors: Annotated[int | None, Field(description="model actors (None: one per GPU, else one per node)")] = None
     use_gpu: Annotated[bool | None, Field(description="None: decided on the driver from the cluster's resources")] = None
-    cpu_threads: Annotated[int | None, Field(description="torch threads of each call of a model actor (None: the node's cores on a CPU node, 1 with a GPU)")] = None
+    cpu_threads: Annotated[int | None, Field(description="torch threads of each call of a model actor (None: the node's cores over actor_calls on a CPU node, 1 with a GPU)")] = None
     precision: Annotated[str, Field(description="\"auto\" (fp16 autocast on GPU, fp32 on CPU), \"fp32\", \"tf32\" (GPU), \"bf16\" or \"fp16\"")] = "auto"
     channels_last: Annotated[bool, Field(description="NHWC memory format on GPU (measured faster for convs there)")] = True
     augment: Annotated[str | None, Field(description="\"cifar\": seeded 4-px pad + random crop + flip; the split is stored as <split>_aug<seed>")] = None
@@ -148,10 +148,11 @@ def plan_resources(cfg: ExtractConfig) -> Resources:
         return Resources(True, num_actors, 1.0, 1.0, cfg.cpu_threads or 1,
                          max(cfg.rows_per_file or GPU_ROWS_PER_FILE, cfg.batch_size), info.cpus)
     num_actors = cfg.num_actors or info.nodes
-    # A CPU actor takes one logical CPU but runs torch on all the node's cores in each call: the convs are where
-    # the time goes (the other call mostly writes or waits). Prepare tasks get fractional CPUs so that they are
-    # never starved by the actors (on 2 cores, whole-CPU actors can deadlock reads).
-    return Resources(False, num_actors, 1.0 if cpus_per_node > 1 else 0.5, 0.5, cfg.cpu_threads or cpus_per_node,
+    # A CPU actor takes one logical CPU; torch runs on the node's cores, split between its concurrent calls (all
+    # cores each oversubscribed them). Prepare tasks get fractional CPUs so that they are never starved by the
+    # actors (on 2 cores, whole-CPU actors can deadlock reads).
+    threads = cfg.cpu_threads or max(1, cpus_per_node // cfg.actor_calls)
+    return Resources(False, num_actors, 1.0 if cpus_per_node > 1 else 0.5, 0.5, threads,
                      max(cfg.rows_per_file or CPU_ROWS_PER_FILE, cfg.batch_size), info.cpus)
 
 
@@ -210,8 +211,11 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
         # (With it, Ray's core worker logs an ERROR about the references Ray Data itself passes to the actor's
         # constructor; dtd_ray.ray.session keeps that off the console.) Concurrent calls run in the actor's
         # threads: torch and Parquet's encoder release the GIL, so one call's write overlaps another's model.
+        # One call queued per running one, not Ray's four: the actor ready first took all six calls of a small
+        # run while the others idled (tests/test_s3.py).
         compute=ray.data.ActorPoolStrategy(size=res.num_actors, max_concurrent_calls_per_actor=cfg.actor_calls,
-                                           enable_true_multi_threading=cfg.actor_calls > 1),
+                                           enable_true_multi_threading=cfg.actor_calls > 1,
+                                           max_tasks_in_flight_per_actor=2 * cfg.actor_calls),
         num_gpus=1 if res.use_gpu else 0,
         num_cpus=res.actor_cpus,
         batch_size=res.rows_per_file,
@@ -488,13 +492,6 @@ def run_extract(cfg: ExtractConfig, *, plan: ExtractCheck | None = None, model_s
     return summary
 
 
-__all__ = [
-    "ExtractConfig",
-    "ExtractionError",
-    "Resources",
-    "build_pipeline",
-    "check_extract",
-    "plan_resources",
-    "run_extract",
-]
+__all__ = ["ExtractConfig", "ExtractionError", "Resources", "build_pipeline", "check_extract", "plan_resources",
+           "run_extract"]
 

@@ -38,7 +38,7 @@ def plain_folder(*, root: str, model: str, weights: str | None, device: str, bat
 
     t0, c0 = time.perf_counter(), procstats.cpu_split()
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)  # as the pipeline's CPU actor (cpu_threads: the node's cores)
+        torch.set_num_threads(os.cpu_count() or 1)  # one model call at a time: all the cores
     bb = get_backbone(model, weights=weights)
     pre = bb.preprocessing
     it = _folder_loader(root=root, preprocessing=pre, batch_size=batch_size, workers=workers, pin=device == "cuda")
