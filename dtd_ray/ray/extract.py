@@ -211,8 +211,8 @@ def build_pipeline(cfg: ExtractConfig, *, split: str, staging_uri: str, res: Res
         # (With it, Ray's core worker logs an ERROR about the references Ray Data itself passes to the actor's
         # constructor; dtd_ray.ray.session keeps that off the console.) Concurrent calls run in the actor's
         # threads: torch and Parquet's encoder release the GIL, so one call's write overlaps another's model.
-        # One call queued per running one, not Ray's four: the actor ready first took all six calls of a small
-        # run while the others idled (tests/test_s3.py).
+        # One call queued per running one, not Ray's four: with four, the actors ready first took all of a small
+        # run's calls while another idled (tests/test_s3.py), and a run's last calls queue behind one actor.
         compute=ray.data.ActorPoolStrategy(size=res.num_actors, max_concurrent_calls_per_actor=cfg.actor_calls,
                                            enable_true_multi_threading=cfg.actor_calls > 1,
                                            max_tasks_in_flight_per_actor=2 * cfg.actor_calls),
