@@ -59,9 +59,10 @@ def to_ray_dataset(source: Source, split: str, *, override_num_blocks: int | Non
     n = len(columns["sample_id"])
     if override_num_blocks is not None and override_num_blocks < 1:
         raise ValueError(f"override_num_blocks must be >= 1, got {override_num_blocks}")
-    rows_per_block = whole_calls(folder_block_rows(n, decoded_bytes=decoded_bytes, cpus=cpus) if "path" in columns
-                                 else _array_block_rows(columns["image"]), rows_multiple)
-    bounds = _block_bounds(n, override_num_blocks) if override_num_blocks else _row_bounds(n, rows_per_block)
+    rows_per_block = (folder_block_rows(n, decoded_bytes=decoded_bytes, cpus=cpus) if "path" in columns
+                      else _array_block_rows(columns["image"]))
+    bounds = _split_bounds(n, override_num_blocks=override_num_blocks, rows_per_block=rows_per_block,
+                           rows_multiple=rows_multiple)
     blocks = [
         _to_block({name: col[lo:hi] for name, col in columns.items()})
         for lo, hi in zip(bounds[:-1], bounds[1:])
@@ -79,6 +80,14 @@ def folder_block_rows(n: int, *, decoded_bytes: int | None, cpus: float) -> int:
         return lo
     per_cpu = math.ceil(n / (2 * cpus)) if cpus > 0 else hi
     return max(lo, min(hi, _FOLDER_BLOCK_BYTES // decoded_bytes, per_cpu))
+
+
+def _split_bounds(n: int, *, override_num_blocks: int | None, rows_per_block: int, rows_multiple: int) -> np.ndarray:
+    """The bounds of a split's ``n`` rows in blocks: ``override_num_blocks`` of about equal size where given,
+    else blocks of ``rows_per_block`` rounded to whole calls of ``rows_multiple`` rows (:func:`whole_calls`)."""
+    if override_num_blocks:
+        return _block_bounds(n, override_num_blocks)
+    return _row_bounds(n, whole_calls(rows_per_block, rows_multiple))
 
 
 def _row_bounds(n: int, rows_per_block: int) -> np.ndarray:
@@ -137,8 +146,8 @@ def _read_shards(source: Source, split: str, *, override_num_blocks: int | None,
     if not n:
         return ray.data.from_arrow(shards.SHARD_SCHEMA.empty_table().select(list(shards.READ_COLUMNS)))
     r = int(source.pack_info()["rows_per_file"])
-    per_block = whole_calls(folder_block_rows(n, decoded_bytes=decoded_bytes, cpus=cpus), rows_multiple)
-    bounds = _block_bounds(n, override_num_blocks) if override_num_blocks else _row_bounds(n, per_block)
+    bounds = _split_bounds(n, override_num_blocks=override_num_blocks, rows_multiple=rows_multiple,
+                           rows_per_block=folder_block_rows(n, decoded_bytes=decoded_bytes, cpus=cpus))
     # Not ray.data.read_parquet: its file-listing task asks for a whole CPU, which a 1-CPU node
     # running a model actor never has free (the extraction waited forever on the three-node test
     # cluster), and its blocks follow the files. These blocks are the folder's (same bounds), so
