@@ -247,14 +247,16 @@ def check_same_as_clean(out: Path, clean) -> dict:
     return man
 
 
-def fe_processes(cl) -> list[SimpleNamespace]:
-    """The FeatureExtractor actor processes of the worker nodes, from /proc (all nodes are on this machine).
+def fe_processes(cl, *, head: bool = False) -> list[SimpleNamespace]:
+    """The FeatureExtractor actor processes of the worker nodes (and of the head node with ``head``), from
+    /proc (all nodes are on this machine).
 
     Ray titles an actor's process ``ray::<actor class>`` and, while it runs a task,
     ``ray::<actor class>.submit``; its parent is its node's raylet. Read directly here, not
     through the state API or the GCS actor table: those were seen to list no live
     FeatureExtractor actor during a whole 18-second run, so a fault keyed on them could miss."""
-    raylets = {n.all_processes["raylet"][0].process.pid: n for n in cl.workers}
+    nodes = [*cl.workers, cl.cluster.head_node] if head else cl.workers
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in nodes}
     return [SimpleNamespace(pid=pid, node=raylets[ppid], node_id=raylets[ppid].node_id, busy=title.endswith(".submit"))
             for pid, ppid, title in raylet_children(raylets) if FE_TASK in title]
 
@@ -279,25 +281,30 @@ def raylet_children(raylets) -> list[tuple[int, int, str]]:
 
 
 def wait_for_no_fe_processes(cl, timeout: float = 20) -> None:
-    """The previous run's model actors are gone from the worker nodes (extract_split releases them),
-    so that this run's actors get the nodes' CPUs."""
+    """The previous run's model actors are gone from every node (extract_split releases them), so that
+    this run's actors get the nodes' CPUs."""
     deadline = time.monotonic() + timeout
-    while fe_processes(cl):
-        assert time.monotonic() < deadline, f"model actors of an earlier run still alive: {fe_processes(cl)}"
+    while fe_processes(cl, head=True):
+        assert time.monotonic() < deadline, f"model actors of an earlier run still alive: {fe_processes(cl, head=True)}"
         time.sleep(0.2)
 
 
 class Fault(threading.Thread):
-    """Injects a fault mid-run: as soon as a FeatureExtractor actor of a worker node is running a
-    task (its process title ends in ``.submit``; no manifest yet), calls ``action(process)`` with
-    that actor process (pid, node, node_id).
+    """Injects a fault mid-run: as soon as a FeatureExtractor actor of a worker node (or, with ``head``,
+    of any node) is running a task (its process title ends in ``.submit``; no manifest yet), calls
+    ``action(process)`` with that actor process (pid, node, node_id).
+
+    ``head`` for a fault that needs no worker node (an actor killed): the actor pool's actors take
+    half a CPU each on these 1-CPU nodes, so two of them can share the head node and run all of a
+    small run's calls there: the likely cause of two full test runs in which no worker-node actor was
+    ever seen busy.
 
     Not keyed on staged files: the write tasks can be held back until the model actors are done,
     so the first staged file may appear only when the extraction work is over."""
 
-    def __init__(self, cl, part: Path, action, *, timeout: float = 150):
+    def __init__(self, cl, part: Path, action, *, timeout: float = 150, head: bool = False):
         super().__init__(daemon=True)
-        self.cl, self.part, self.action, self.timeout = cl, part, action, timeout
+        self.cl, self.part, self.action, self.timeout, self.head = cl, part, action, timeout, head
         self.since_ms = int(time.time() * 1000)
         self.finished_before_fault = None
         self.error: BaseException | None = None
@@ -317,7 +324,7 @@ class Fault(threading.Thread):
                 if time.monotonic() > deadline or self._ended.is_set() or (self.part / schema.MANIFEST_NAME).exists():
                     raise AssertionError(f"no fault injected: the run ended (or timed out) first; seen {seen}")
                 seen["polls"] += 1
-                procs = fe_processes(self.cl)
+                procs = fe_processes(self.cl, head=self.head)
                 seen["actor_processes"] = max(seen["actor_processes"], len(procs))
                 busy = [p for p in procs if p.busy]
                 if busy:
@@ -359,7 +366,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, clean, mn_da
         os.kill(proc.pid, signal.SIGKILL)  # the actor's worker process dies with its task in flight
 
     wait_for_no_fe_processes(cluster)
-    fault = Fault(cluster, partition_dir(out), kill_actor)
+    fault = Fault(cluster, partition_dir(out), kill_actor, head=True)
     fault.start()
     summary = run(mn_config(mn_data, out))
     fault.end()

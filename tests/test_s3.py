@@ -557,7 +557,7 @@ def test_actor_killed_mid_run_with_output_on_s3(s3_cluster, s3_clean, s3, mn_dat
         os.kill(proc.pid, signal.SIGKILL)
 
     wait_for_no_fe_processes(s3_cluster)
-    fault = Fault(s3_cluster, tmp_path / "never", kill_actor)  # the run's end: fault.end() below
+    fault = Fault(s3_cluster, tmp_path / "never", kill_actor, head=True)  # the run's end: fault.end() below
     fault.start()
     summary = run_extract(mn_config(mn_data, uri, shared_fs=False))
     fault.end()
